@@ -1,0 +1,191 @@
+"""Models of the embedded world and the loader of every Stable Diffusion pipeline.
+
+ShapesWorld's pipeline is a real `diffusers.StableDiffusionPipeline` (CLIP text encoder and
+tokenizer, AutoencoderKL, UNet2DConditionModel, DDIM) at a size a CPU trains in minutes. It is
+built here from configs, trained by `t2i_rl.pretrain`, and shipped in diffusers' folder format, so
+the code that loads it is the code that loads SD 1.5 from a local folder or a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .world import ShapesWorld
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_PIPELINES = {"shapes": ASSETS / "shapes-sd"}
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77  # as in CLIP and every SD checkpoint
+
+
+def build_tokenizer(vocab_size: int = 600) -> CLIPTokenizer:
+    """A byte-level BPE CLIPTokenizer trained offline on every ShapesWorld prompt.
+
+    Trained with the `tokenizers` library on the grammar's prompts in a fixed order, so the same
+    vocabulary and merges come out on every machine; no hub files are needed.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(
+            Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+            behavior="removed", invert=True,
+        ),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    world = ShapesWorld()
+    corpus = world.prompts("train") + world.prompts("heldout")
+    tok.train_from_iterator(sorted(corpus), trainer=trainer)
+    spec = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    return CLIPTokenizer(vocab=spec["vocab"], merges=merges, model_max_length=MAX_LENGTH)
+
+
+def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 64, layers: int = 2) -> CLIPTextConfig:
+    """A small CLIP text encoder whose special-token ids match the tokenizer's."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def vae_config(resolution: int = 32, channels: tuple[int, ...] = (32, 64)) -> dict:
+    """AutoencoderKL with one downsampling: 32x32x3 images <-> 16x16x4 latents."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=resolution,
+    )
+
+
+def unet_config(
+    sample_size: int = 16,
+    channels: tuple[int, ...] = (32, 64, 64),
+    cross_attention_dim: int = 64,
+) -> dict:
+    """A small SD-style UNet: plain ResNet blocks at full size, cross-attention below."""
+    n = len(channels)
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def ddim_scheduler() -> DDIMScheduler:
+    """SD 1.5's noise schedule (scaled linear betas, epsilon prediction)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_pipeline(
+    tokenizer: CLIPTokenizer | None = None,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    vae_channels: tuple[int, ...] = (32, 64),
+    unet_channels: tuple[int, ...] = (32, 64, 64),
+    resolution: int = 32,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """A randomly initialized ShapesWorld pipeline (what `pretrain` starts from)."""
+    torch.manual_seed(seed)
+    tokenizer = tokenizer or build_tokenizer()
+    vae = AutoencoderKL(**vae_config(resolution, vae_channels))
+    factor = 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(**unet_config(resolution // factor, unet_channels, text_hidden_size))
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer, text_hidden_size, text_layers))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_pipeline(
+    name_or_path: str = "shapes",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline: "shapes" (shipped), a local folder, or a hub id.
+
+    The scheduler is always DDIM (the policy's log-probs are DDIM's), built from the checkpoint's
+    own scheduler config so that its noise schedule is kept.
+    """
+    path = SHIPPED_PIPELINES.get(name_or_path, name_or_path)
+    if name_or_path in SHIPPED_PIPELINES and not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"the shipped pipeline {name_or_path!r} is missing at {path}; "
+            "run `python -m t2i_rl.pretrain` to train it"
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def save_pipeline_atomically(pipe: StableDiffusionPipeline, path: str | Path) -> None:
+    """`save_pretrained` into a temporary folder, then swap it in: no half-written model on a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / "pipe"
+        pipe.save_pretrained(staged, safe_serialization=True)
+        if path.exists():
+            old = Path(tmp) / "old"
+            path.rename(old)
+        staged.rename(path)
