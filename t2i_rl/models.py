@@ -8,7 +8,6 @@ the code that loads it is the code that loads SD 1.5 from a local folder or a hu
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -24,39 +23,67 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # as in CLIP and every SD checkpoint
 
 
-def build_tokenizer(vocab_size: int = 600) -> CLIPTokenizer:
-    """A byte-level BPE CLIPTokenizer trained offline on every ShapesWorld prompt.
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable character map, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
-    Trained with the `tokenizers` library on the grammar's prompts in a fixed order, so the same
-    vocabulary and merges come out on every machine; no hub files are needed.
+
+def train_bpe(words: list[str], max_merges: int = 10_000) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE with CLIP's `</w>` end-of-word suffix, trained deterministically.
+
+    Ties between equally frequent pairs are broken by the pair itself, so the same corpus always
+    gives the same merges (the `tokenizers` trainer breaks ties by hash order, which changes from
+    run to run). Merging stops when every word is one token.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    alphabet = _byte_alphabet()
+    byte_char = dict(enumerate(alphabet))
+    freq: dict[tuple[str, ...], int] = {}
+    for word in words:
+        symbols = [byte_char[b] for b in word.encode()]
+        symbols[-1] += "</w>"
+        freq[tuple(symbols)] = freq.get(tuple(symbols), 0) + 1
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: dict[tuple[str, str], int] = {}
+        for symbols, n in freq.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        merged = {}
+        for symbols, n in freq.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        freq = merged
+    vocab += [BOS, EOS]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
 
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(
-            Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-            behavior="removed", invert=True,
-        ),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A byte-level BPE CLIPTokenizer trained offline on every ShapesWorld prompt (no hub files)."""
     world = ShapesWorld()
-    corpus = world.prompts("train") + world.prompts("heldout")
-    tok.train_from_iterator(sorted(corpus), trainer=trainer)
-    spec = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
-    return CLIPTokenizer(vocab=spec["vocab"], merges=merges, model_max_length=MAX_LENGTH)
+    words = [w for p in world.prompts("train") + world.prompts("heldout") for w in p.split()]
+    vocab, merges = train_bpe(words)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
 
 
 def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 64, layers: int = 2) -> CLIPTextConfig:
