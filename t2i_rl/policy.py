@@ -1,0 +1,348 @@
+"""The diffusion policy of the denoising MDP: a stochastic DDIM step as a Gaussian policy.
+
+One episode is T DDIM steps with eta > 0. In state x_t the policy draws the action x_{t-1} from
+pi(x_{t-1} | x_t, t, y) = N(mu_theta(x_t, t, y), sigma_t^2 I), where mu and sigma are exactly what
+`DDIMScheduler.step(..., eta=eta)` computes (prev_sample = mu + sigma * z). Because sigma_t does not
+depend on theta, log-probs and the KL to the reference model have closed forms in mu alone.
+
+The policy only acts and scores; the algorithms in `agents/` update its parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+_REDUCTIONS = ("mean", "sum")
+
+
+def _reduce(x: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Reduce every non-batch dim: "mean" (DDPO's convention) or "sum" (the joint density)."""
+    dims = tuple(range(1, x.ndim))
+    return x.mean(dim=dims) if reduce == "mean" else x.sum(dim=dims)
+
+
+def _check_reduce(reduce: str) -> None:
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+
+
+class DiffusionPolicy:
+    """A stochastic DDIM sampler seen as a Gaussian policy, with log-probs and KL to a reference.
+
+    With `lora_rank` an int, a PEFT LoRA adapter is added to `pipe.unet` (the pipeline is modified
+    in place) and only its weights train; the reference model is the same UNet with adapters off,
+    so it costs no memory. With `lora_rank=None` the whole UNet trains and the reference is a frozen
+    deep copy of it, taken before any update. The VAE and text encoder are always frozen.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        num_steps: int = 20,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        lora_rank: int | None = 4,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    ) -> None:
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            raise TypeError(
+                f"pipe.scheduler must be a diffusers DDIMScheduler (the policy's log-probs are DDIM's), "
+                f"got {type(pipe.scheduler).__name__}; use DDIMScheduler.from_config(pipe.scheduler.config)"
+            )
+        num_train = pipe.scheduler.config.num_train_timesteps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train:
+            raise ValueError(f"num_steps must be an int in [1, {num_train}], got {num_steps!r}")
+        if not 0.0 < eta <= 1.0:
+            raise ValueError(
+                f"eta must be in (0, 1], got {eta!r}: eta > 0 makes the policy stochastic (log-probs need "
+                "sigma_t > 0) and eta > 1 makes DDIM's direction term sqrt(1 - alpha_prev - sigma^2) undefined"
+            )
+        if not guidance_scale >= 0.0:
+            raise ValueError(f"guidance_scale must be >= 0 (<= 1 means no classifier-free guidance), got {guidance_scale!r}")
+        if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+            raise ValueError(f"lora_rank must be an int >= 1, or None for full fine-tuning, got {lora_rank!r}")
+        if lora_alpha is not None and not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 (or None for lora_alpha = lora_rank), got {lora_alpha!r}")
+        config = pipe.scheduler.config
+        if config.thresholding or config.clip_sample:
+            raise NotImplementedError(
+                "DDIM with clip_sample or thresholding is not a Gaussian in the model output's mean; "
+                "load the scheduler with clip_sample=False, thresholding=False"
+            )
+        if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {config.prediction_type!r}"
+            )
+
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.num_steps = num_steps
+        self.guidance_scale = float(guidance_scale)
+        self.eta = float(eta)
+        self.lora_rank = lora_rank
+        self.prediction_type: str = config.prediction_type
+
+        # Our own scheduler: a later `pipe(..., num_inference_steps=...)` must not move our timesteps.
+        self.scheduler = DDIMScheduler.from_config(config)
+        self.scheduler.set_timesteps(num_steps)
+        self.timesteps: torch.Tensor = self.scheduler.timesteps.clone()
+        self._coefficients()
+
+        # Freeze what never trains, then make the trainable part (LoRA or the whole UNet).
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        self.reference_unet = None
+        if lora_rank is None:
+            self.unet.requires_grad_(True)
+            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        else:
+            from peft import LoraConfig
+
+            if getattr(self.unet, "_hf_peft_config_loaded", False):
+                raise ValueError(
+                    "pipe.unet already carries a PEFT adapter; build the policy on a fresh pipeline "
+                    "(its reference model is the UNet with adapters disabled)"
+                )
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
+                    init_lora_weights=True,  # B = 0: the fresh policy is exactly the reference model
+                    target_modules=list(lora_target_modules),
+                )
+            )
+        if not self.trainable_parameters():
+            raise ValueError(f"no trainable parameters: lora_target_modules={tuple(lora_target_modules)} matched nothing")
+
+        self._uncond: torch.Tensor = self.encode_prompts([""])  # [1, L, D], cached once
+
+    # ---------------------------------------------------------------- schedule
+    def _coefficients(self) -> None:
+        """Per-step alpha_t, alpha_prev and sigma_t, in float32 exactly as DDIMScheduler.step forms them."""
+        s = self.scheduler
+        step = s.config.num_train_timesteps // self.num_steps
+        alpha_t, alpha_prev, std = [], [], []
+        for i, t in enumerate(self.timesteps.tolist()):
+            # 1. previous timestep (t - 1000 // T); before t = 0 DDIM uses final_alpha_cumprod
+            prev = t - step
+            a_t = s.alphas_cumprod[t]
+            a_prev = s.alphas_cumprod[prev] if prev >= 0 else s.final_alpha_cumprod
+            # 2. sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)), DDIM eq. (16)
+            variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
+            sigma = self.eta * variance**0.5
+            if not sigma > 0:
+                raise ValueError(
+                    f"sigma_t is {float(sigma)} at step {i} (timestep {t}): the policy needs sigma_t > 0 at "
+                    "every step (with set_alpha_to_one=True the last DDIM step is deterministic; use "
+                    "set_alpha_to_one=False or fewer steps)"
+                )
+            alpha_t.append(a_t)
+            alpha_prev.append(a_prev)
+            std.append(sigma)
+        self._alpha_t = torch.stack(alpha_t).float()
+        self._alpha_prev = torch.stack([torch.as_tensor(a) for a in alpha_prev]).float()
+        self._std = torch.stack(std).float()
+
+    def _check_step(self, step_index: int) -> int:
+        if isinstance(step_index, torch.Tensor):
+            step_index = int(step_index)
+        if not 0 <= step_index < self.num_steps:
+            raise IndexError(f"step_index must be in [0, {self.num_steps - 1}], got {step_index}")
+        return step_index
+
+    def sigma(self, step_index: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """sigma_t of step `step_index`: a float32 scalar tensor (independent of theta)."""
+        return self._std[self._check_step(step_index)].to(device or self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    # ---------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states [B, L, D] as SD's pipelines form them (padded to max length)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tok = self.pipe.tokenizer
+        ids = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.pipe.text_encoder.device)
+        mask = None
+        if getattr(self.pipe.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != tok.pad_token_id).long()
+        return self.pipe.text_encoder(ids, attention_mask=mask)[0]
+
+    @property
+    def uncond_embeds(self) -> torch.Tensor:
+        """The empty prompt's embedding [1, L, D] (the unconditional half of guidance)."""
+        return self._uncond
+
+    # ---------------------------------------------------------------- model
+    def noise_pred(
+        self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor, reference: bool = False
+    ) -> torch.Tensor:
+        """The guided model output in float32 (eps; v for v-prediction models), one UNet call.
+
+        Guidance runs the [uncond; cond] batch through a single UNet forward. `reference=True`
+        evaluates the frozen reference model under no_grad.
+        """
+        step_index = self._check_step(step_index)
+        if embeds.shape[0] != latents.shape[0]:
+            raise ValueError(f"embeds batch {embeds.shape[0]} != latents batch {latents.shape[0]}")
+        unet = self.unet if (not reference or self.reference_unet is None) else self.reference_unet
+        t = self.timesteps[step_index].to(latents.device)
+        cfg = self.guidance_scale > 1.0
+        x = latents.to(unet.dtype)
+        cond = embeds.to(device=latents.device, dtype=unet.dtype)
+        if cfg:
+            uncond = self._uncond.to(device=latents.device, dtype=unet.dtype).expand(cond.shape[0], -1, -1)
+            x = torch.cat([x, x])
+            cond = torch.cat([uncond, cond])
+
+        if reference:
+            with torch.no_grad(), self._adapters_off():
+                out = unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+        else:
+            out = unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+        out = out.float()
+        if cfg:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+        return out
+
+    @contextlib.contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        """Turn the LoRA adapters off (the base model is the reference), and back on afterwards."""
+        if self.reference_unet is not None:
+            yield
+            return
+        # PEFT's toggle rewrites requires_grad of the adapter weights: remember and restore it.
+        flags = [(p, p.requires_grad) for p in self.unet.parameters()]
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    # ---------------------------------------------------------------- DDIM math
+    def ddim_moments(
+        self, latents: torch.Tensor, model_output: torch.Tensor, step_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, pred_x0) of x_{t-1} given the model output, in float32, as DDIMScheduler.step."""
+        i = self._check_step(step_index)
+        x = latents.float()
+        out = model_output.float()
+        alpha_t = self._alpha_t[i].to(x.device)
+        alpha_prev = self._alpha_prev[i].to(x.device)
+        std = self._std[i].to(x.device)
+        beta_t = 1 - alpha_t
+        # 3. predicted x_0 and eps from the model output (DDIM eq. (12))
+        if self.prediction_type == "epsilon":
+            pred_x0 = (x - beta_t**0.5 * out) / alpha_t**0.5
+            pred_eps = out
+        elif self.prediction_type == "v_prediction":
+            pred_x0 = alpha_t**0.5 * x - beta_t**0.5 * out
+            pred_eps = alpha_t**0.5 * out + beta_t**0.5 * x
+        else:  # "sample"
+            pred_x0 = out
+            pred_eps = (x - alpha_t**0.5 * pred_x0) / beta_t**0.5
+        # 4. no clipping or thresholding (refused in __init__)
+        # 5. sigma_t(eta) precomputed; 6. "direction pointing to x_t"
+        direction = (1 - alpha_prev - std**2).clamp(min=0) ** 0.5 * pred_eps
+        # 7. mean of x_{t-1}: the noise-free part of DDIM's step
+        mean = alpha_prev**0.5 * pred_x0 + direction
+        return mean, std, pred_x0
+
+    def step_stats(
+        self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean [B, C, H, W], std scalar) of pi(. | x_t), float32; differentiable unless reference."""
+        mean, std, _ = self.ddim_moments(latents, self.noise_pred(latents, step_index, embeds, reference), step_index)
+        return mean, std
+
+    @staticmethod
+    def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+        """log N(x; mean, std^2 I) per element, reduced over non-batch dims -> [B]."""
+        _check_reduce(reduce)
+        std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+        logp = -((x.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+        return _reduce(logp, reduce)
+
+    # ---------------------------------------------------------------- acting and scoring
+    def sample_step(
+        self,
+        latents: torch.Tensor,
+        step_index: int,
+        embeds: torch.Tensor,
+        generator: torch.Generator | None = None,
+        reduce: str = "mean",
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Act: x_{t-1} = mean + std * z, z ~ N(0, I) from `generator`; returns (x_{t-1}, log_prob [B]).
+
+        The noise is drawn as DDIMScheduler.step draws it (randn_tensor, float32), so the same
+        generator state gives the scheduler's own sample. No gradients unless `grad=True`.
+        """
+        _check_reduce(reduce)
+        with torch.set_grad_enabled(grad):
+            mean, std = self.step_stats(latents, step_index, embeds)
+            z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            next_latents = (mean + std * z).to(latents.dtype)
+            # log-prob of the stored action (after any cast), so re-evaluation gives the same number
+            logp = self.gaussian_log_prob(next_latents, mean, std, reduce)
+        return next_latents, logp
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        step_index: int,
+        embeds: torch.Tensor,
+        reduce: str = "mean",
+    ) -> torch.Tensor:
+        """log pi(x_{t-1} | x_t) of a stored transition [B], with gradients (what PPO re-evaluates)."""
+        _check_reduce(reduce)
+        mean, std = self.step_stats(latents, step_index, embeds)
+        return self.gaussian_log_prob(next_latents, mean, std, reduce)
+
+    def kl_to_reference(
+        self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor, reduce: str = "mean"
+    ) -> torch.Tensor:
+        """KL(pi_theta || pi_ref) at x_t [B]: (mu_theta - mu_ref)^2 / (2 sigma_t^2), same sigma on both sides."""
+        _check_reduce(reduce)
+        mean, std = self.step_stats(latents, step_index, embeds)
+        ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
+        return _reduce((mean - ref_mean) ** 2 / (2 * std**2), reduce)
+
+    def log_prob_and_kl(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        step_index: int,
+        embeds: torch.Tensor,
+        reduce: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`log_prob` and `kl_to_reference` from one policy forward (DPOK needs both per step)."""
+        _check_reduce(reduce)
+        mean, std = self.step_stats(latents, step_index, embeds)
+        ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
+        logp = self.gaussian_log_prob(next_latents, mean, std, reduce)
+        return logp, _reduce((mean - ref_mean) ** 2 / (2 * std**2), reduce)
+
+    # ---------------------------------------------------------------- parameters
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters an optimizer should update (LoRA weights, or the whole UNet)."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
