@@ -42,7 +42,7 @@ SQRT2 = float(np.sqrt(2.0))
 @dataclass(frozen=True)
 class SeenObject:
     color: str | None  # None: a colour that is not in the palette
-    shape: str
+    shape: str | None  # None: a region without a readable shape
     area: float
 
 
@@ -90,14 +90,15 @@ def _nearest(rgb: np.ndarray, palette: np.ndarray, names: list[str]) -> str | No
     return names[i] if d[i] <= MAX_COLOR_DISTANCE else None
 
 
-def _shape_of(soft: np.ndarray, bg: np.ndarray, region: np.ndarray, rgb: np.ndarray) -> str:
+def _shape_of(soft: np.ndarray, bg: np.ndarray, region: np.ndarray, rgb: np.ndarray) -> str | None:
     """Tell circles, squares and upright triangles apart by moments of the region's coverage.
 
     Coverage is the Gaussian-smoothed image projected on the background -> object colour line.
     Blur and noise barely move these moments, where outlines and fill ratios fall apart at 32x32:
     an upright triangle's mass is skewed towards its base (vertical skewness about -0.57), and a
     square is flatter along its axes than along its diagonals (excess kurtosis -1.2 against -0.6)
-    while a disk is the same in every direction.
+    while a disk is the same in every direction. A region whose coverage has no positive spread
+    (possible in images that are not renders) has no shape: None.
     """
     d = rgb - bg
     alpha = ((soft - bg) @ d) / max(float(d @ d), 1e-6) * ndimage.binary_dilation(region)
@@ -110,6 +111,9 @@ def _shape_of(soft: np.ndarray, bg: np.ndarray, region: np.ndarray, rgb: np.ndar
         var = (alpha * p * p).sum() / mass
         return (alpha * p**3).sum() / mass / var**1.5, (alpha * p**4).sum() / mass / var**2 - 3
 
+    spreads = [(alpha * p * p).sum() for p in (x, y, x + y, x - y)]
+    if mass <= 0 or min(spreads) <= 0:
+        return None
     skew_y, kurt_y = skew_and_kurtosis(y)
     if skew_y < TRIANGLE_MAX_SKEW:
         return "triangle"

@@ -1,0 +1,5 @@
+"""Gymnasium environments of t2i-rl (registered as `t2i_rl/...` when `t2i_rl` is imported)."""
+
+from .denoise import DenoiseEnv, DenoiseVectorEnv, NumpyDenoise, make_numpy_env, make_prompt_source
+
+__all__ = ["DenoiseEnv", "DenoiseVectorEnv", "NumpyDenoise", "make_numpy_env", "make_prompt_source"]

@@ -1,0 +1,345 @@
+"""Denoising as a Markov decision process: one episode is one image.
+
+The env holds the sampler's state (latents, step, prompt) and the reward; the policy that proposes
+the next latents lives with the agent (`t2i_rl.policy.DiffusionPolicy`, built by `env.policy()`
+so that its steps, guidance and eta match the env's). Both are natively batched: the vector env
+steps a batch of prompts in lockstep, so the policy makes one UNet call per step for the whole
+batch, and every tensor stays on the pipeline's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+PromptSource = Callable[[int, np.random.Generator], list[str]]
+
+
+def make_prompt_source(source: str | Sequence[str] | PromptSource) -> PromptSource:
+    """"shapes-train" / "shapes-heldout" (ShapesWorld splits), a list of prompts, or a callable."""
+    if callable(source):
+        return source
+    if isinstance(source, str):
+        from t2i_rl.world import ShapesWorld
+
+        splits = {"shapes-train": "train", "shapes-heldout": "heldout"}
+        if source not in splits:
+            raise ValueError(f"unknown prompt source {source!r}; allowed: {', '.join(splits)}, "
+                             "a list of prompts, or a callable (n, rng) -> list[str]")
+        world, split = ShapesWorld(), splits[source]
+        return lambda n, rng: world.sample_prompts(n, seed=int(rng.integers(2**31)), split=split)
+    prompts = list(source)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("a prompt list must be a non-empty list of strings")
+    return lambda n, rng: [prompts[i] for i in rng.integers(len(prompts), size=n)]
+
+
+class DenoiseVectorEnv(VectorEnv):
+    """## Description
+    A batch of `num_envs` images denoised in lockstep by a DDIM sampler with eta > 0. The state
+    is the noisy latents x_t, the step index and the prompt's text-encoder embedding; the action
+    is the next latents x_{t-1}; the transition is deterministic (the next state is the action).
+    After the last step the latents are decoded and scored by the reward function.
+
+    ## Action Space
+    `Box(-inf, inf, (num_envs, C, h, w), float32)`: the next latents, as a torch tensor on the
+    pipeline's device (a numpy array is accepted and moved there).
+
+    ## Observation Space
+    `Dict(latents: Box(num_envs, C, h, w), step: MultiDiscrete(num_steps + 1),
+    prompt_embeds: Box(num_envs, L, D))`, as torch tensors on the device.
+
+    ## Rewards
+    0 until the last step, then `reward(images, prompts).scores` (a torch tensor [num_envs]).
+    `info` carries the prompts, every reward component (`reward/<name>`), the TextNorm
+    confidence when the reward has one, and the gold judge's verdict (`gold/*`), which is never
+    part of the reward.
+
+    ## Episode End
+    All sub-envs terminate together after `num_steps` steps; there is no truncation and no
+    autoreset: call `reset()` for the next batch.
+
+    ## Arguments
+    pipeline: a loaded `StableDiffusionPipeline` or a name/path for `load_pipeline` ("shapes").
+    reward: a reward spec for `make_reward` ("clip", {"name": "textnorm", ...}) or a callable.
+    prompts: "shapes-train", "shapes-heldout", a list of prompts or a callable (n, rng) -> list.
+    num_steps, guidance_scale, eta: the sampler the policy follows (eta > 0: log-probs need it).
+    gold: spec of the diagnostic judge ("gold" for ShapesWorld; None for none).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        num_envs: int = 8,
+        pipeline: Any = "shapes",
+        reward: Any = "clip",
+        prompts: str | Sequence[str] | PromptSource = "shapes-train",
+        num_steps: int = 20,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        gold: Any = "gold",
+        device: str | torch.device | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        from t2i_rl.models import load_pipeline
+        from t2i_rl.rewards import make_reward
+
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if eta <= 0:
+            raise ValueError(f"eta must be > 0 (a stochastic sampler has log-probs), got {eta}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.pipe = load_pipeline(pipeline, device=device or "cpu") if isinstance(pipeline, str) else pipeline
+        self.device = self.pipe.device if device is None else torch.device(device)
+        self.reward_fn = reward if callable(reward) else make_reward(reward)
+        self.gold_fn = None if gold is None else (gold if callable(gold) else make_reward(gold))
+        self.prompt_source = make_prompt_source(prompts)
+        self.num_envs = num_envs
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.eta = eta
+        self.render_mode = render_mode
+
+        unet, text_encoder = self.pipe.unet, self.pipe.text_encoder
+        factor = self.pipe.vae_scale_factor
+        self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        self.image_size = unet.config.sample_size * factor
+        embed_shape = (self.pipe.tokenizer.model_max_length, text_encoder.config.hidden_size)
+        big = np.float32(np.inf)
+        self.single_observation_space = spaces.Dict({
+            "latents": spaces.Box(-big, big, self.latent_shape, np.float32),
+            "step": spaces.Discrete(num_steps + 1),
+            "prompt_embeds": spaces.Box(-big, big, embed_shape, np.float32),
+        })
+        self.single_action_space = spaces.Box(-big, big, self.latent_shape, np.float32)
+        self.observation_space = spaces.Dict({
+            "latents": spaces.Box(-big, big, (num_envs, *self.latent_shape), np.float32),
+            "step": spaces.MultiDiscrete(np.full(num_envs, num_steps + 1)),
+            "prompt_embeds": spaces.Box(-big, big, (num_envs, *embed_shape), np.float32),
+        })
+        self.action_space = spaces.Box(-big, big, (num_envs, *self.latent_shape), np.float32)
+
+        self.prompts: list[str] = []
+        self.latents: torch.Tensor | None = None
+        self.prompt_embeds: torch.Tensor | None = None
+        self.step_index = 0
+        self.images: torch.Tensor | None = None
+        self._generator = torch.Generator(device="cpu")
+
+    # -- the policy that matches this MDP ---------------------------------------------------
+    def policy(self, **kwargs):
+        """A `DiffusionPolicy` on this env's pipeline with its steps, guidance and eta."""
+        from t2i_rl.policy import DiffusionPolicy
+
+        return DiffusionPolicy(self.pipe, num_steps=self.num_steps,
+                               guidance_scale=self.guidance_scale, eta=self.eta, **kwargs)
+
+    # -- Gymnasium API ------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+        options = options or {}
+        prompts = options.get("prompts")
+        if prompts is None:
+            prompts = self.prompt_source(self.num_envs, self.np_random)
+        if isinstance(prompts, str) or len(prompts) != self.num_envs:
+            raise ValueError(f"options['prompts'] must be a list of {self.num_envs} prompts, got {prompts!r}")
+        self.prompts = list(prompts)
+        self._generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
+        # 1. draw x_T ~ N(0, I) from the env's own generator (on the CPU: the same on any device)
+        noise = torch.randn((self.num_envs, *self.latent_shape), generator=self._generator)
+        self.latents = noise.to(self.device, self.pipe.unet.dtype) * self.pipe.scheduler.init_noise_sigma
+        # 2. encode the prompts once per episode
+        self.prompt_embeds = self._encode(self.prompts)
+        self.step_index = 0
+        self.images = None
+        return self._observation(), {"prompt": list(self.prompts)}
+
+    def step(self, actions):
+        if self.latents is None:
+            raise RuntimeError("call reset() before step()")
+        if self.step_index >= self.num_steps:
+            raise RuntimeError(f"the episode ended after {self.num_steps} steps; call reset()")
+        # 1. the action is the next state
+        self.latents = self._check_action(actions)
+        self.step_index += 1
+        done = self.step_index == self.num_steps
+        rewards = torch.zeros(self.num_envs, device=self.device)
+        info: dict[str, Any] = {"prompt": list(self.prompts)}
+        # 2. at the last step: decode, score, judge
+        if done:
+            self.images = self.decode(self.latents)
+            out = self.reward_fn(self.images, self.prompts)
+            rewards = out.scores.detach().to(self.device, torch.float32)
+            info.update({f"reward/{k}": v.detach() for k, v in out.components.items()})
+            if self.gold_fn is not None:
+                gold = self.gold_fn(self.images, self.prompts)
+                info.update({k: v.detach() for k, v in gold.components.items()})
+        terminated = torch.full((self.num_envs,), done, dtype=torch.bool, device=self.device)
+        truncated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        return self._observation(), rewards, terminated, truncated, info
+
+    def render(self):
+        """The decoded images as uint8 [num_envs, H, W, 3] (decoding the current latents)."""
+        images = self.images if self.images is not None else self.decode(self.latents)
+        return (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+    def get_rng_state(self) -> dict[str, Any]:
+        """The env's random state (prompt draws and x_T), for checkpoints that resume exactly."""
+        return {"np": self.np_random.bit_generator.state, "torch": self._generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        self.np_random.bit_generator.state = state["np"]
+        self._generator.set_state(state["torch"])
+
+    # -- helpers ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images [B, 3, H, W] in [0, 1], as the pipeline decodes them."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images / 2 + 0.5).clamp(0, 1).float()
+
+    def _observation(self) -> dict[str, torch.Tensor]:
+        step = torch.full((self.num_envs,), self.step_index, dtype=torch.long, device=self.device)
+        return {"latents": self.latents, "step": step, "prompt_embeds": self.prompt_embeds}
+
+    def _check_action(self, actions) -> torch.Tensor:
+        want = (self.num_envs, *self.latent_shape)
+        if isinstance(actions, np.ndarray):
+            if actions.dtype not in (np.float32, np.float64, np.float16):
+                raise ValueError(f"actions must be floating point latents of shape {want}, got dtype {actions.dtype}")
+            actions = torch.from_numpy(actions)
+        if not isinstance(actions, torch.Tensor):
+            raise ValueError(f"actions must be a torch.Tensor or numpy array of shape {want}, "
+                             f"got {type(actions).__name__}")
+        if tuple(actions.shape) != want:
+            raise ValueError(f"actions must have shape {want} (num_envs, C, h, w), got {tuple(actions.shape)}")
+        if not actions.is_floating_point():
+            raise ValueError(f"actions must be floating point latents, got dtype {actions.dtype}")
+        if not torch.isfinite(actions).all():
+            raise ValueError("actions contain NaN or inf; the latents must be finite")
+        return actions.to(self.device, self.pipe.unet.dtype)
+
+
+class DenoiseEnv(gym.Env):
+    """## Description
+    One image denoised by a DDIM sampler (eta > 0): the single-env view of `DenoiseVectorEnv`
+    (`num_envs=1`), with the same state, action, reward and arguments. Observations and actions
+    are torch tensors on the device; `NumpyDenoise` (what `gymnasium.make("t2i_rl/Denoise-v0")`
+    returns) converts them to numpy for `check_env`, Stable-Baselines3 and other numpy code.
+
+    ## Action Space
+    `Box(-inf, inf, (C, h, w), float32)`: the next latents x_{t-1}.
+
+    ## Observation Space
+    `Dict(latents: Box(C, h, w), step: Discrete(num_steps + 1), prompt_embeds: Box(L, D))`.
+
+    ## Rewards
+    0.0 until the last step, then the reward function's score of the decoded image (a float).
+    `info` carries the prompt, every reward component, the TextNorm confidence (when the reward
+    has one) and the gold verdict.
+
+    ## Episode End
+    Terminated after `num_steps` steps; never truncated.
+
+    ## Arguments
+    The same as `DenoiseVectorEnv` but `num_envs`. `reset(options={"prompt": str})` or
+    `{"prompts": [str]}` fixes the prompt.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, render_mode: str | None = None, **kwargs) -> None:
+        self.vec = DenoiseVectorEnv(num_envs=1, render_mode=render_mode, **kwargs)
+        self.render_mode = render_mode
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+
+    def policy(self, **kwargs):
+        return self.vec.policy(**kwargs)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        if "prompt" in options:
+            options["prompts"] = [options.pop("prompt")]
+        # the vector env draws from this env's seeded generator
+        self.vec._np_random = self.np_random
+        obs, _ = self.vec.reset(options=options)
+        return self._single(obs), {"prompt": self.vec.prompts[0]}
+
+    def step(self, action):
+        batched = action[None] if isinstance(action, (torch.Tensor, np.ndarray)) else action
+        obs, rewards, terminated, truncated, info = self.vec.step(batched)
+        info = {k: (v[0] if isinstance(v, list) else v[0].item()) for k, v in info.items()}
+        return self._single(obs), float(rewards[0]), bool(terminated[0]), bool(truncated[0]), info
+
+    def render(self):
+        return self.vec.render()[0]
+
+    @staticmethod
+    def _single(obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"latents": obs["latents"][0], "step": obs["step"][0], "prompt_embeds": obs["prompt_embeds"][0]}
+
+
+class NumpyDenoise(gym.Env):
+    """The numpy view of `DenoiseEnv` (same MDP, same arguments): numpy observations, numpy or
+    torch actions. This is what `gymnasium.make("t2i_rl/Denoise-v0")` returns, for `check_env`,
+    Stable-Baselines3 and other numpy code; agents that stay on the device use `DenoiseEnv`."""
+
+    metadata = DenoiseEnv.metadata
+
+    def __init__(self, env: DenoiseEnv | None = None, **kwargs) -> None:
+        self.torch_env = env if env is not None else DenoiseEnv(**kwargs)
+        self.observation_space = self.torch_env.observation_space
+        self.action_space = self.torch_env.action_space
+        self.render_mode = self.torch_env.render_mode
+
+    def policy(self, **kwargs):
+        return self.torch_env.policy(**kwargs)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        obs, info = self.torch_env.reset(seed=seed, options=options)
+        return self._numpy(obs), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.torch_env.step(action)
+        return self._numpy(obs), reward, terminated, truncated, info
+
+    def render(self):
+        return self.torch_env.render()
+
+    @staticmethod
+    def _numpy(obs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        # copies: users keep what they are given, and the embeddings live on for the episode
+        return {
+            "latents": obs["latents"].detach().float().cpu().numpy().copy(),
+            "step": int(obs["step"]),
+            "prompt_embeds": obs["prompt_embeds"].detach().float().cpu().numpy().copy(),
+        }
+
+
+def make_numpy_env(**kwargs) -> NumpyDenoise:
+    """Entry point of `t2i_rl/Denoise-v0`: the numpy view, which passes `check_env`."""
+    return NumpyDenoise(**kwargs)

@@ -1,0 +1,507 @@
+"""Benchmarks of the package: `python -m t2i_rl.benchmark SUBCOMMAND ...`.
+
+`rewards`: how well does each reward model agree with the "human"? TextNorm's TIA2 protocol
+(prompts x images, binary human labels, reward models scored per prompt by AUROC, AUPRC, AP@k,
+Spearman and Kendall, averaged over prompts) on ShapesWorld, where the exact judge is the human:
+
+    python -m t2i_rl.benchmark rewards [--prompts 100] [--images 16] [--steps 20] [--guidance 5]
+        [--seed 0] [--cache PATH.pt] [--json PATH] [--rewards NAME ...]
+
+TIA2-shapes: the first `--prompts` distinct held-out prompts of a fixed draw (half single-object,
+half two-object), `--images` images each from the base model (`load_pipeline("shapes")`, stochastic
+DDIM, one seeded generator per image), the judge's all-correct verdict as the binary label and its
+score (fraction of attributes right) as the graded one. Results per split: "counting" (one object
+group whose count is not one), "composition" (two object groups) and "all".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .metrics import aggregate, prompt_metrics
+from .world import ShapesWorld, parse_prompt
+
+BENCHMARK = "TIA2-shapes"
+CACHE_FORMAT = "t2i_rl.benchmark.rewards/1"
+PROMPT_SEED = 2024  # the benchmark's prompt set is fixed; --seed only changes the images
+TWO_OBJECT_PROB = 0.5
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_ETA = 1.0  # stochastic DDIM, as the RL environment samples
+SPLITS: tuple[str, ...] = ("counting", "composition", "all")
+RAW_REWARDS: tuple[str, ...] = ("clip", "lee", "pairwise")
+REGISTRY_NAMES: tuple[str, ...] = RAW_REWARDS + ("gold",)
+# TextNorm temperatures per raw model. CLIP scores are cosine similarities that differ by a few
+# hundredths between a prompt and its contrastive prompts; the Lee-style and pairwise models give
+# unbounded scalars whose prompt-to-prompt differences are of order 0.1-1.
+DEFAULT_TAU: dict[str, float] = {"clip": 0.02, "lee": 0.1, "pairwise": 0.1}
+
+
+def _ensemble(mode: str) -> dict:
+    return {"name": "ensemble", "members": list(RAW_REWARDS), "mode": mode}
+
+
+def default_reward_specs() -> dict[str, str | dict]:
+    """The rewards benchmarked by default: {display name: spec for `make_reward`}."""
+    specs: dict[str, str | dict] = {name: name for name in RAW_REWARDS}
+    for name in RAW_REWARDS:
+        specs[f"textnorm({name})"] = {"name": "textnorm", "base": name, "tau": DEFAULT_TAU[name]}
+    specs["ensemble(mean)"] = _ensemble("mean")
+    specs["ensemble(mean-std)"] = _ensemble("mean_minus_std")
+    for mode, label in (("mean", "mean"), ("mean_minus_std", "mean-std")):
+        specs[f"textnorm(ensemble({label}))"] = {
+            "name": "textnorm", "base": _ensemble(mode), "tau": dict(DEFAULT_TAU),
+        }
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark's data: prompts, splits, images
+
+
+def benchmark_prompts(n: int, seed: int = PROMPT_SEED) -> list[str]:
+    """The first `n` distinct prompts of a fixed draw from the held-out split (one or two object
+    groups with equal probability). A prefix of the list for a larger `n`."""
+    world = ShapesWorld(two_object_prob=TWO_OBJECT_PROB)
+    available = len(world.prompts("heldout"))
+    if not 1 <= n <= available:
+        raise ValueError(f"the number of prompts must be in 1..{available} (the held-out split), got {n}")
+    out: dict[str, None] = {}
+    chunk, offset = max(4 * n, 256), 0
+    while len(out) < n:
+        # Draw a longer stream each round; the stream for a seed is a prefix of any longer one.
+        for p in world.sample_prompts(offset + chunk, seed=seed, split="heldout")[offset:]:
+            out.setdefault(p, None)
+            if len(out) == n:
+                break
+        offset += chunk
+    return list(out)
+
+
+def prompt_category(prompt: str) -> str:
+    """"counting" (one object group, count != 1), "composition" (two groups) or "single" (one object)."""
+    scene = parse_prompt(prompt)
+    if len(scene.groups) == 2:
+        return "composition"
+    return "counting" if scene.groups[0].count != 1 else "single"
+
+
+def split_masks(prompts: list[str]) -> dict[str, np.ndarray]:
+    """Boolean masks [P] of the prompts in each split of `SPLITS`."""
+    cats = np.array([prompt_category(p) for p in prompts])
+    return {"counting": cats == "counting", "composition": cats == "composition",
+            "all": np.ones(len(prompts), dtype=bool)}
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The generator seed of image j of prompt i: independent of batching and of how many prompts
+    or images a run asks for, so a smaller run is a slice of a larger one."""
+    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def generate_images(
+    pipe,
+    prompts: list[str],
+    images_per_prompt: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch_size: int = 32,
+    eta: float = DEFAULT_ETA,
+    progress: Callable[[str], None] | None = None,
+) -> torch.Tensor:
+    """Images [P, M, 3, H, W] in [0, 1] from a diffusers pipeline, one seeded generator per image."""
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
+    chunks = []
+    t0 = time.perf_counter()
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        gens = [torch.Generator().manual_seed(image_seed(seed, i, j)) for i, j in batch]
+        out = pipe([prompts[i] for i, _ in batch], num_inference_steps=steps, guidance_scale=guidance,
+                   eta=eta, output_type="pt", generator=gens).images
+        chunks.append(out.detach().float().cpu().clamp(0, 1))
+        if progress is not None:
+            done = start + len(batch)
+            progress(f"generated {done}/{len(jobs)} images ({time.perf_counter() - t0:.0f} s)")
+    images = torch.cat(chunks)
+    return images.reshape(len(prompts), images_per_prompt, *images.shape[1:])
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A hash of a local pipeline folder's weights (a cache made with other weights is stale),
+    or the name itself for a hub id."""
+    from .models import SHIPPED_PIPELINES
+
+    path = Path(SHIPPED_PIPELINES.get(name_or_path, name_or_path))
+    if not path.is_dir():
+        return str(name_or_path)
+    h = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
+    for f in files:
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+class CacheMismatch(ValueError):
+    pass
+
+
+def load_cached_images(path: str | Path, settings: dict, prompts: list[str], images_per_prompt: int) -> torch.Tensor | None:
+    """Images [P, M, ...] from a cache made with the same settings (None if there is no file).
+
+    A cache made with more prompts or images than asked for is sliced (prompts and image seeds are
+    prefix-stable); anything else that differs raises `CacheMismatch`, naming the setting."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a bad cache
+        raise CacheMismatch(f"cannot read the image cache {path}: {err}") from err
+    if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
+        raise CacheMismatch(f"{path} is not an image cache of this benchmark (format {CACHE_FORMAT})")
+    cached = blob["settings"]
+    for key, value in settings.items():
+        if cached.get(key) != value:
+            raise CacheMismatch(
+                f"the image cache {path} was made with {key}={cached.get(key)!r}, this run has {value!r}; "
+                "delete it or pass another --cache"
+            )
+    images, cached_prompts = blob["images"], blob["prompts"]
+    if cached_prompts[:len(prompts)] != prompts or images.shape[1] < images_per_prompt:
+        raise CacheMismatch(
+            f"the image cache {path} holds {len(cached_prompts)} prompts x {images.shape[1]} images, "
+            f"which do not cover {len(prompts)} x {images_per_prompt}; delete it or pass another --cache"
+        )
+    return images[:len(prompts), :images_per_prompt].float()
+
+
+def save_cached_images(path: str | Path, settings: dict, prompts: list[str], images: torch.Tensor) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": CACHE_FORMAT, "settings": settings, "prompts": list(prompts),
+                "images": images.detach().float().cpu().contiguous()}, tmp)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring and metrics
+
+
+@torch.no_grad()
+def score_images(reward: Callable, images: torch.Tensor, prompts: list[str], batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> np.ndarray:
+    """A reward's scores [N] of images [N, 3, H, W] against their prompts, in batches."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        result = reward(x, prompts[start:start + batch_size])
+        scores = getattr(result, "scores", result)
+        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+        if scores.shape[0] != x.shape[0]:
+            raise ValueError(f"the reward returned {scores.shape[0]} scores for {x.shape[0]} images")
+        if not torch.isfinite(scores).all():
+            raise ValueError("the reward returned NaN or inf scores")
+        out.append(scores.numpy().astype(np.float64))
+    return np.concatenate(out)
+
+
+def run_reward_benchmark(
+    images: torch.Tensor,
+    prompts: list[str],
+    rewards: dict[str, Callable],
+    k: int = 4,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    world: ShapesWorld | None = None,
+) -> dict:
+    """Score every image with every reward and compare, prompt by prompt, with the judge.
+
+    Args:
+        images: [P, M, 3, H, W] in [0, 1], M images of each of the P prompts.
+        prompts: the P prompts.
+        rewards: {display name: reward}, each a callable `reward(images [B,3,H,W], prompts [B])`
+            returning a `RewardOutput` (or a tensor of scores [B]).
+        k: the k of AP@k.
+
+    Returns a JSON-ready dict (NaN where nothing counted):
+        "benchmark", "k", "n_prompts", "images_per_prompt";
+        "splits": {split: {"n_prompts", "n_images", "base_rate" (judge all-correct rate),
+                   "n_mixed" (prompts with both labels: they count for AUROC/AUPRC/AP@k),
+                   "n_graded" (prompts whose graded labels vary: they count for Spearman/Kendall)}};
+        "results": {reward: {split: {metric: {"mean", "n"}}}}, "n" = prompts that counted;
+        "per_prompt": {"prompts", "category", "n_correct", "rewards": {reward: {metric: [P]}}}.
+    """
+    if images.ndim != 5 or images.shape[2] != 3:
+        raise ValueError(f"images must have shape [P, M, 3, H, W], got {tuple(images.shape)}")
+    n_prompts, per_prompt = images.shape[:2]
+    if len(prompts) != n_prompts:
+        raise ValueError(f"got {n_prompts} prompts' images for {len(prompts)} prompts")
+    if per_prompt < 2:
+        raise ValueError(f"ranking needs at least 2 images per prompt, got {per_prompt}")
+    if not rewards:
+        raise ValueError("no rewards to benchmark")
+    world = world or ShapesWorld()
+    flat = images.reshape(n_prompts * per_prompt, *images.shape[2:]).float()
+    flat_prompts = [p for p in prompts for _ in range(per_prompt)]
+    verdict = world.judge(flat, flat_prompts)
+    labels = verdict.correct.numpy().reshape(n_prompts, per_prompt)
+    graded = verdict.score.numpy().astype(np.float64).reshape(n_prompts, per_prompt)
+    masks = split_masks(prompts)
+    mixed = labels.any(axis=1) & ~labels.all(axis=1)
+    varied = graded.max(axis=1) > graded.min(axis=1)
+    splits = {
+        name: {
+            "n_prompts": int(m.sum()),
+            "n_images": int(m.sum()) * per_prompt,
+            "base_rate": float(labels[m].mean()) if m.any() else math.nan,
+            "n_mixed": int((m & mixed).sum()),
+            "n_graded": int((m & varied).sum()),
+        }
+        for name, m in masks.items()
+    }
+    results, per_prompt_out = {}, {}
+    for name, reward in rewards.items():
+        if hasattr(reward, "to"):
+            reward = reward.to(device)
+        try:
+            scores = score_images(reward, flat, flat_prompts, batch_size, device)
+        except ValueError as err:
+            raise ValueError(f"reward {name!r}: {err}") from err
+        metrics = prompt_metrics(scores.reshape(n_prompts, per_prompt), labels, graded, k)
+        results[name] = {split: aggregate(metrics, m) for split, m in masks.items()}
+        per_prompt_out[name] = {metric: values.tolist() for metric, values in metrics.items()}
+    return {
+        "benchmark": BENCHMARK,
+        "k": k,
+        "n_prompts": int(n_prompts),
+        "images_per_prompt": int(per_prompt),
+        "splits": splits,
+        "results": results,
+        "per_prompt": {
+            "prompts": list(prompts),
+            "category": [prompt_category(p) for p in prompts],
+            "n_correct": labels.sum(axis=1).astype(int).tolist(),
+            "rewards": per_prompt_out,
+        },
+    }
+
+
+_SPLIT_SHORT = {"counting": "cnt", "composition": "comp", "all": "all"}
+
+
+def _metric_short(metric: str) -> str:
+    return {"auroc": "ROC", "auprc": "PRC", "spearman": "rho", "kendall": "tau"}.get(metric, metric.upper())
+
+
+def format_table(result: dict) -> str:
+    """A compact markdown table: rows = rewards, columns = split x metric (means over prompts)."""
+    lines = [
+        f"{result['benchmark']}: {result['n_prompts']} prompts x {result['images_per_prompt']} images, k={result['k']}. "
+        + "; ".join(
+            f"{name}: {s['n_prompts']} prompts, {s['n_mixed']} with both labels, base rate {s['base_rate']:.2f}"
+            for name, s in result["splits"].items()
+        ),
+        "",
+    ]
+    metrics = next(iter(next(iter(result["results"].values())).values())).keys()
+    cols = [(split, m) for split in SPLITS for m in metrics]
+    lines.append("| reward | " + " | ".join(f"{_SPLIT_SHORT[s]} {_metric_short(m)}" for s, m in cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    for name, by_split in result["results"].items():
+        cells = []
+        for split, m in cols:
+            v = by_split[split][m]["mean"]
+            cells.append("-" if v is None or math.isnan(v) else f"{v:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_ready(obj):
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump, no SystemExit
+        raise UsageError(message)
+
+
+def _parse_reward_names(names: list[str] | None) -> dict[str, str | dict]:
+    defaults = default_reward_specs()
+    if not names:
+        return defaults
+    out: dict[str, str | dict] = {}
+    for name in names:
+        if name.lstrip().startswith("{"):
+            try:
+                spec = json.loads(name)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--rewards: {name!r} is not valid JSON: {err}") from err
+            out[json.dumps(spec, separators=(",", ":"))] = spec
+        elif name in defaults:
+            out[name] = defaults[name]
+        elif name in REGISTRY_NAMES:
+            out[name] = name
+        else:
+            allowed = ", ".join(list(defaults) + [n for n in REGISTRY_NAMES if n not in defaults])
+            raise UsageError(f"--rewards: unknown reward {name!r}; allowed: {allowed}, or a JSON spec")
+    return out
+
+
+def _check_args(args) -> None:
+    available = len(ShapesWorld().prompts("heldout"))
+    if not 1 <= args.prompts <= available:
+        raise UsageError(f"--prompts must be in 1..{available} (the held-out split), got {args.prompts}")
+    if args.images < 2:
+        raise UsageError(f"--images must be >= 2 (a ranking needs two images), got {args.images}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.k < 1:
+        raise UsageError(f"--k must be >= 1, got {args.k}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.cache is not None and Path(args.cache).suffix != ".pt":
+        raise UsageError(f"--cache must be a .pt file, got {args.cache}")
+    if args.cache is not None and Path(args.cache).is_dir():
+        raise UsageError(f"--cache must be a file, {args.cache} is a folder")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_rewards(args) -> int:
+    _check_args(args)
+    specs = _parse_reward_names(args.rewards)
+    prompts = benchmark_prompts(args.prompts)
+    settings = {
+        "benchmark": BENCHMARK, "prompt_seed": PROMPT_SEED, "two_object_prob": TWO_OBJECT_PROB,
+        "model": args.model, "model_fingerprint": model_fingerprint(args.model),
+        "steps": args.steps, "guidance": float(args.guidance), "eta": DEFAULT_ETA, "seed": args.seed,
+    }
+    images = None
+    if args.cache is not None:
+        try:
+            images = load_cached_images(args.cache, settings, prompts, args.images)
+        except CacheMismatch as err:
+            raise UsageError(str(err)) from err
+
+    try:
+        from .rewards import make_reward
+    except ImportError as err:
+        _log(f"error: the reward registry is not available (t2i_rl.rewards.make_reward): {err}")
+        return 1
+    rewards = {}
+    for name, spec in specs.items():
+        try:
+            rewards[name] = make_reward(spec, device=args.device)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"--rewards: cannot build {name!r}: {err}") from err
+
+    if images is None:
+        from .models import load_pipeline
+
+        _log(f"generating {args.prompts} x {args.images} images with {args.model} "
+             f"({args.steps} steps, guidance {args.guidance}, seed {args.seed})")
+        pipe = load_pipeline(args.model, device=args.device)
+        images = generate_images(pipe, prompts, args.images, args.steps, args.guidance, args.seed,
+                                 batch_size=args.batch_size, progress=_log)
+        del pipe
+        if args.cache is not None:
+            save_cached_images(args.cache, settings, prompts, images)
+            _log(f"cached the images in {args.cache}")
+    else:
+        _log(f"loaded {args.prompts} x {args.images} images from {args.cache}")
+
+    t0 = time.perf_counter()
+    result = run_reward_benchmark(images, prompts, rewards, k=args.k, batch_size=args.batch_size,
+                                  device=args.device)
+    _log(f"scored {len(rewards)} rewards in {time.perf_counter() - t0:.1f} s")
+    print(format_table(result))
+    if args.json is not None:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "settings": {**settings, "prompts": args.prompts, "images": args.images, "k": args.k,
+                         "rewards": specs},
+            **result,
+        }
+        path.write_text(json.dumps(_json_ready(report), indent=1) + "\n")
+        _log(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m t2i_rl.benchmark", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    r = sub.add_parser("rewards", help=f"{BENCHMARK}: reward models against the judge, per prompt",
+                       description=f"{BENCHMARK}: AUROC, AUPRC, AP@k, Spearman and Kendall of reward "
+                                   "models against ShapesWorld's judge, averaged over prompts.")
+    r.add_argument("--prompts", type=int, default=100, help="held-out prompts (default 100)")
+    r.add_argument("--images", type=int, default=16, help="images per prompt (default 16)")
+    r.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    r.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    r.add_argument("--seed", type=int, default=0, help="seed of the images (the prompts are fixed)")
+    r.add_argument("--k", type=int, default=4, help="k of AP@k (default 4)")
+    r.add_argument("--cache", default=None, metavar="PATH.pt", help="image cache: reused when it matches")
+    r.add_argument("--json", default=None, metavar="PATH", help="write the full report here")
+    r.add_argument("--rewards", nargs="+", default=None, metavar="NAME",
+                   help="rewards to score (default: all of " + ", ".join(default_reward_specs())
+                        + "); also 'gold' or a JSON spec for make_reward")
+    r.add_argument("--model", default="shapes", help="pipeline: 'shapes' (shipped) or a folder")
+    r.add_argument("--batch-size", type=int, default=32, help="images per generation/scoring batch")
+    r.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    r.set_defaults(func=cmd_rewards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except FileNotFoundError as err:  # e.g. the shipped pipeline is not trained yet
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
