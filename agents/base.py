@@ -1,0 +1,202 @@
+"""What every agent shares: its config, collecting rollouts through the env, one optimizer step,
+and its state for checkpoints. Each algorithm is one file that adds its `update`.
+
+The policy acts (t2i_rl.policy.DiffusionPolicy); the agent updates it (Stable-Baselines3's split).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class AgentConfig:
+    """Hyperparameters common to every agent. Every field is validated in `__post_init__`."""
+
+    name: str = field(default="base", metadata={"help": "the agent's name (its file in agents/)"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    samples_per_epoch: int = field(default=32, metadata={"help": "images collected per epoch"})
+    train_batch_size: int = field(default=8, metadata={"help": "samples per gradient step"})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of the per-step KL to the base model "
+                                                           "added to the loss (any agent)"})
+    lora_rank: int | None = field(default=8, metadata={"help": "LoRA rank; null: full fine-tuning"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "max_grad_norm": self.max_grad_norm >= 0,
+            "samples_per_epoch": self.samples_per_epoch >= 1,
+            "train_batch_size": self.train_batch_size >= 1,
+            "kl_coef": self.kl_coef >= 0,
+            "lora_rank": self.lora_rank is None or self.lora_rank >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"agent.{key} = {getattr(self, key)!r} is invalid: {self.help(key)}; "
+                                 f"{_RULES.get(key, 'must be positive')}")
+
+    @classmethod
+    def help(cls, key: str) -> str:
+        return next(f.metadata.get("help", "") for f in fields(cls) if f.name == key)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AgentConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown agent option(s) {unknown} for {cls.__name__}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+_RULES = {
+    "weight_decay": "must be >= 0",
+    "max_grad_norm": "must be >= 0",
+    "kl_coef": "must be >= 0",
+    "lora_rank": "must be >= 1 or null",
+}
+
+
+@dataclass
+class Rollout:
+    """Episodes collected with the current policy, batched along dim 0."""
+
+    prompts: list[str]
+    embeds: torch.Tensor  # [B, L, D]
+    latents: torch.Tensor  # [B, T + 1, C, h, w]: x_T ... x_0
+    log_probs: torch.Tensor  # [B, T], at collection time
+    rewards: torch.Tensor  # [B], the optimized (proxy) reward
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    info: dict[str, torch.Tensor]  # reward components and gold verdicts, each [B]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @staticmethod
+    def cat(parts: list["Rollout"]) -> "Rollout":
+        keys = parts[0].info.keys()
+        return Rollout(
+            prompts=[p for r in parts for p in r.prompts],
+            embeds=torch.cat([r.embeds for r in parts]),
+            latents=torch.cat([r.latents for r in parts]),
+            log_probs=torch.cat([r.log_probs for r in parts]),
+            rewards=torch.cat([r.rewards for r in parts]),
+            images=torch.cat([r.images for r in parts]),
+            info={k: torch.cat([r.info[k] for r in parts]) for k in keys},
+        )
+
+
+class Agent(ABC):
+    """Collects with the env and the policy; subclasses implement `update`."""
+
+    config_class: ClassVar[type[AgentConfig]] = AgentConfig
+
+    def __init__(self, cfg: AgentConfig, env, policy) -> None:
+        if cfg.samples_per_epoch % env.num_envs:
+            raise ValueError(f"agent.samples_per_epoch ({cfg.samples_per_epoch}) must be a multiple of "
+                             f"env.batch_size ({env.num_envs})")
+        self.cfg = cfg
+        self.env = env
+        self.policy = policy
+        self.params = policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(0)
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self.env.reset(seed=seed)
+
+    # 1. collect ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, prompts: list[str] | None = None) -> Rollout:
+        """Run `samples_per_epoch` episodes through the env with the current policy."""
+        parts = []
+        n = len(prompts) if prompts is not None else self.cfg.samples_per_epoch
+        for start in range(0, n, self.env.num_envs):
+            options = None if prompts is None else {"prompts": prompts[start:start + self.env.num_envs]}
+            parts.append(self._episode(options))
+        return Rollout.cat(parts)
+
+    def _episode(self, options: dict | None) -> Rollout:
+        obs, _ = self.env.reset(options=options)
+        embeds = obs["prompt_embeds"]
+        latents, log_probs = [obs["latents"]], []
+        for i in range(self.policy.num_steps):
+            action, logp = self.policy.sample_step(obs["latents"], i, embeds, generator=self.generator)
+            obs, rewards, terminated, _, info = self.env.step(action)
+            latents.append(action)
+            log_probs.append(logp)
+        assert bool(terminated.all()), "the env must end after the policy's num_steps"
+        info = {k: v.float() for k, v in info.items() if isinstance(v, torch.Tensor)}
+        return Rollout(list(self.env.prompts), embeds, torch.stack(latents, 1), torch.stack(log_probs, 1),
+                       rewards.float(), self.env.images, info)
+
+    # 2. update ----------------------------------------------------------------------------
+    @abstractmethod
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """Improve the policy on a rollout; return the losses and statistics to log."""
+
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> float:
+        """Backward `loss` (or use gradients already accumulated), clip, step, zero the gradients.
+
+        Returns the gradient norm before clipping."""
+        if loss is not None:
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def kl_penalty(self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor) -> torch.Tensor:
+        """The per-step KL to the base model (mean over elements), 0 when kl_coef is 0."""
+        if self.cfg.kl_coef == 0:
+            return latents.new_zeros(())
+        return self.cfg.kl_coef * self.policy.kl_to_reference(latents, step_index, embeds).mean()
+
+    # 3. state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs to continue identically."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "env": self.env.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.env.set_rng_state(state["env"])
+
+
+def minibatches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches covering range(n)."""
+    order = torch.randperm(n, generator=generator)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def per_prompt_normalize(prompts: list[str], rewards: torch.Tensor, eps: float = 1e-6,
+                         min_count: int = 2) -> torch.Tensor:
+    """(r - mean) / std over the samples of the same prompt (DDPO's per-prompt stat tracking and
+    GRPO's group-relative advantage); prompts with fewer than `min_count` samples use the batch."""
+    adv = torch.empty_like(rewards)
+    batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    for idx in groups.values():
+        r = rewards[idx]
+        if len(idx) >= min_count:
+            mean, std = r.mean(), r.std(unbiased=False)
+        else:
+            mean, std = batch_mean, batch_std
+        adv[idx] = (r - mean) / (std + eps)
+    return adv

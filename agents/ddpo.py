@@ -1,0 +1,149 @@
+"""DDPO (Black et al. 2023): PPO-clip on the per-step Gaussian log-probs of a stochastic DDIM sampler.
+
+Per epoch: collect images, turn rewards into advantages (per-prompt statistics, or GRPO-style
+groups of k samples per prompt), then for a few inner epochs re-evaluate the stored transitions
+under the current policy and minimise the clipped surrogate
+    L = mean_t max(-A * ratio_t, -A * clip(ratio_t, 1 - eps, 1 + eps)),  ratio_t = pi/pi_old,
+accumulating over a random `timestep_fraction` of the steps before each optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Agent, AgentConfig, Rollout, minibatches, per_prompt_normalize
+
+
+@dataclass
+class DDPOConfig(AgentConfig):
+    name: str = "ddpo"
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon"})
+    adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this"})
+    inner_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
+    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of the T steps trained on"})
+    per_prompt_stat_tracking: bool = field(default=True, metadata={
+        "help": "normalize rewards by running statistics of the same prompt (else by the batch)"})
+    stat_buffer_size: int = field(default=32, metadata={"help": "rewards kept per prompt"})
+    stat_min_count: int = field(default=16, metadata={"help": "fewer rewards of a prompt: use the batch"})
+    group_size: int = field(default=0, metadata={
+        "help": "GRPO-style: k samples per prompt, advantages relative to the group (0: off)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.clip_range <= 0:
+            raise ValueError(f"agent.clip_range = {self.clip_range} is invalid: must be > 0")
+        if self.adv_clip_max <= 0:
+            raise ValueError(f"agent.adv_clip_max = {self.adv_clip_max} is invalid: must be > 0")
+        if self.inner_epochs < 1:
+            raise ValueError(f"agent.inner_epochs = {self.inner_epochs} is invalid: must be >= 1")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"agent.timestep_fraction = {self.timestep_fraction} is invalid: must be in (0, 1]")
+        if self.stat_buffer_size < 1 or self.stat_min_count < 1:
+            raise ValueError("agent.stat_buffer_size and agent.stat_min_count must be >= 1")
+        if self.group_size < 0 or self.group_size == 1:
+            raise ValueError(f"agent.group_size = {self.group_size} is invalid: 0 (off) or >= 2")
+        if self.group_size and self.samples_per_epoch % self.group_size:
+            raise ValueError(f"agent.samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
+                             f"agent.group_size ({self.group_size})")
+
+
+class PerPromptStatTracker:
+    """Running reward statistics per prompt (DDPO): a prompt's advantage is its reward standardized
+    by the last `buffer_size` rewards of that prompt, or by the batch until it has `min_count`."""
+
+    def __init__(self, buffer_size: int, min_count: int) -> None:
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, deque] = {}
+
+    def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        adv = torch.empty_like(rewards)
+        batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
+        for p in dict.fromkeys(prompts):
+            idx = [i for i, q in enumerate(prompts) if q == p]
+            buf = self.buffers.setdefault(p, deque(maxlen=self.buffer_size))
+            buf.extend(rewards[idx].tolist())
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                hist = torch.tensor(list(buf))
+                mean, std = hist.mean(), hist.std(unbiased=False)
+            adv[idx] = (rewards[idx] - mean) / (std + 1e-6)
+        return adv
+
+    def state_dict(self) -> dict:
+        return {p: list(b) for p, b in self.buffers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state.items()}
+
+
+def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                  clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipped surrogate, its approx KL (0.5 E[(log ratio)^2]) and clip fraction."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach()
+
+
+class DDPOAgent(Agent):
+    config_class = DDPOConfig
+    cfg: DDPOConfig
+
+    def __init__(self, cfg: DDPOConfig, env, policy) -> None:
+        super().__init__(cfg, env, policy)
+        self.tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
+
+    def collect(self, prompts: list[str] | None = None) -> Rollout:
+        if prompts is None and self.cfg.group_size:
+            k = self.cfg.group_size
+            distinct = self.env.prompt_source(self.cfg.samples_per_epoch // k, self.env.np_random)
+            prompts = [p for p in distinct for _ in range(k)]
+        return super().collect(prompts)
+
+    def advantages(self, rollout: Rollout) -> torch.Tensor:
+        if self.cfg.group_size:
+            adv = per_prompt_normalize(rollout.prompts, rollout.rewards)
+        elif self.cfg.per_prompt_stat_tracking:
+            adv = self.tracker.update(rollout.prompts, rollout.rewards)
+        else:
+            adv = (rollout.rewards - rollout.rewards.mean()) / (rollout.rewards.std(unbiased=False) + 1e-6)
+        return adv.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        adv = self.advantages(rollout)
+        n_steps = max(1, round(self.cfg.timestep_fraction * self.policy.num_steps))
+        stats: dict[str, list[float]] = {"loss/policy": [], "loss/kl_penalty": [], "policy/approx_kl": [],
+                                         "policy/clipfrac": [], "policy/grad_norm": []}
+        for _ in range(self.cfg.inner_epochs):
+            for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
+                steps = torch.randperm(self.policy.num_steps, generator=self.generator)[:n_steps]
+                for i in steps.tolist():
+                    x, x_next = rollout.latents[idx, i], rollout.latents[idx, i + 1]
+                    embeds = rollout.embeds[idx]
+                    log_prob = self.policy.log_prob(x, x_next, i, embeds)
+                    loss, approx_kl, clipfrac = ppo_clip_loss(log_prob, rollout.log_probs[idx, i], adv[idx],
+                                                              self.cfg.clip_range)
+                    penalty = self.kl_penalty(x, i, embeds)
+                    ((loss + penalty) / n_steps).backward()
+                    stats["loss/policy"].append(loss.item())
+                    stats["loss/kl_penalty"].append(float(penalty))
+                    stats["policy/approx_kl"].append(approx_kl.item())
+                    stats["policy/clipfrac"].append(clipfrac.item())
+                stats["policy/grad_norm"].append(self.optimizer_step())
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out["policy/advantage_abs"] = adv.abs().mean().item()
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.tracker.load_state_dict(state["tracker"])

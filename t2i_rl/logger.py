@@ -1,0 +1,96 @@
+"""One logger facade for a run: TensorBoard events and `metrics.jsonl`, with the same numbers.
+
+Tag names are the stable ones of DESIGN.md (`reward/proxy`, `reward/gold`, `policy/kl_to_base`,
+`eval/gold_correct`, ...). The custom-scalars chart "reward vs human" overlays the proxy reward
+and the gold reward, so overoptimization shows as two curves parting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import custom_scalars
+
+# TensorBoard "Custom Scalars" dashboard: chart name -> tag regexes drawn on one plot.
+LAYOUT = {
+    "overoptimization": {
+        "reward vs human": ["Multiline", ["reward/proxy", "reward/gold"]],
+        "reward vs human (held-out)": ["Multiline", ["eval/proxy", "eval/gold", "eval/gold_correct"]],
+        "KL to base": ["Multiline", ["policy/kl_to_base"]],
+    },
+}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().mean().item() if value.numel() else float("nan")
+    elif isinstance(value, np.ndarray):
+        value = float(value.mean()) if value.size else float("nan")
+    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class RunLogger:
+    """Writes scalars, images and hyperparameters of one run; only the main process writes."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.writer: SummaryWriter | None = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # purge_step drops events past a resumed run's last epoch, so curves do not double
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
+            self.writer.file_writer.add_summary(custom_scalars(LAYOUT))
+        self._jsonl = self.run_dir / "metrics.jsonl"
+
+    def hparams(self, table: dict[str, Any]) -> None:
+        """Hyperparameters once, as a markdown table (CleanRL style)."""
+        if not self.enabled:
+            return
+        rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(table.items()))
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        """Scalars to TensorBoard and one JSON line; returns the numbers written."""
+        numbers = {k: v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
+        if not self.enabled:
+            return numbers
+        for tag, value in numbers.items():
+            self.writer.add_scalar(tag, value, step)
+        record = {"epoch": step, **{k: (None if math.isnan(v) else v) for k, v in numbers.items()}}
+        with self._jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.writer.flush()
+        return numbers
+
+    def images(self, tag: str, grid: torch.Tensor | np.ndarray, step: int, caption: str = "") -> None:
+        """An image grid [3, H, W] in [0, 1] under `samples/`, captioned in a text entry."""
+        if not self.enabled:
+            return
+        self.writer.add_image(tag, grid, step, dataformats="CHW")
+        if caption:
+            self.writer.add_text(tag + "/caption", caption, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def truncate_jsonl(path: str | Path, last_epoch: int) -> None:
+    """Keep the lines of epochs <= last_epoch (a resumed run rewrites what came after)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    path.write_text("".join(line + "\n" for line in keep))

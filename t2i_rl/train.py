@@ -1,0 +1,239 @@
+"""Train a policy: `python -m t2i_rl.train agent=ddpo env=textnorm [model=shapes] [key=value ...]`.
+
+A run folder (`output_dir`) holds TensorBoard events (tb/), `metrics.jsonl` (one JSON object per
+epoch, the same numbers), the resolved `config.yaml`, checkpoints (checkpoints/last, and
+checkpoints/best by held-out gold) and sample grids. Running the same command again resumes from
+checkpoints/last and continues the same run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("agent", "env", "model")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Unknown group options fail in one line before Hydra prints a page about them."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in GROUPS and value not in group_options(key):
+            raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}")
+
+
+def validate(cfg: DictConfig):
+    """Build and validate the agent config and the run settings; raise ValueError on bad values."""
+    from agents import agent_class
+
+    cls = agent_class(cfg.agent.name)
+    agent_cfg = cls.config_class.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))
+    for key, ok, rule in [
+        ("epochs", cfg.epochs >= 1, ">= 1"),
+        ("env.batch_size", cfg.env.batch_size >= 1, ">= 1"),
+        ("env.num_steps", cfg.env.num_steps >= 1, ">= 1"),
+        ("env.eta", 0 < cfg.env.eta <= 1, "in (0, 1]"),
+        ("env.guidance_scale", cfg.env.guidance_scale >= 0, ">= 0"),
+        ("eval.every", cfg.eval.every >= 0, ">= 0 (0: only at epoch 0)"),
+        ("eval.num_prompts", cfg.eval.num_prompts >= 0, ">= 0"),
+    ]:
+        if not ok:
+            raise ValueError(f"{key} = {OmegaConf.select(cfg, key)} is invalid: must be {rule}")
+    return cls, agent_cfg
+
+
+class Trainer:
+    """Wires env, policy, agent, diagnostics, logging and checkpoints for one run."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from envs import DenoiseVectorEnv
+        from t2i_rl.diagnostics import EarlyStopper, HackDetector
+        from t2i_rl.logger import RunLogger, truncate_jsonl
+        from t2i_rl.models import load_pipeline
+        from t2i_rl.rewards import make_reward
+        from t2i_rl.world import ShapesWorld
+
+        cls, agent_cfg = validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        dtype = getattr(torch, cfg.model.dtype)
+        pipe = load_pipeline(cfg.model.pipeline, dtype=dtype, device=cfg.device)
+        reward = make_reward(cfg.env.reward)
+        gold = make_reward(cfg.env.gold) if cfg.env.gold else None
+        env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
+                          guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta)
+        self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
+        self.eval_env = DenoiseVectorEnv(num_envs=cfg.eval.batch_size, prompts=cfg.env.prompts, **env_kwargs)
+        self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
+        self.agent = cls(agent_cfg, self.env, self.policy)
+        self.eval_prompts = ShapesWorld().sample_prompts(cfg.eval.num_prompts, seed=cfg.seed, split="heldout") \
+            if cfg.eval.num_prompts else []
+        self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
+        self.stopper = EarlyStopper(cfg.early_stop.patience)
+        self.best_gold = -1.0
+        self.start_epoch = 0
+        self.env.reset(seed=cfg.seed)
+        self.agent.generator.manual_seed(cfg.seed)
+        last = self.run_dir / "checkpoints" / "last"
+        if cfg.resume and last.exists():
+            self._resume(last)
+            truncate_jsonl(self.run_dir / "metrics.jsonl", self.start_epoch - 1)
+        self.logger = RunLogger(self.run_dir, purge_step=self.start_epoch if self.start_epoch else None)
+        OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        if self.start_epoch == 0:
+            table = {f"agent.{k}": v for k, v in asdict(agent_cfg).items()}
+            table.update({k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+                          if not k.startswith("agent.")})
+            self.logger.hparams(table)
+
+    # -- one epoch ------------------------------------------------------------------------------
+    def epoch(self, epoch: int) -> dict[str, float]:
+        from t2i_rl.diagnostics import kl_to_base, pixel_diversity, rollout_metrics
+
+        start = time.perf_counter()
+        rollout = self.agent.collect()
+        collect_s = time.perf_counter() - start
+        metrics = rollout_metrics(rollout.rewards, rollout.info)
+        metrics["overopt/hacked_frac"] = self.hacks(rollout.rewards, rollout.info.get("gold/correct"))
+        metrics.update(pixel_diversity(rollout.images, rollout.prompts))
+        k = min(len(rollout), self.cfg.diagnostics.kl_samples)
+        metrics["policy/kl_to_base"] = kl_to_base(self.policy, rollout.latents[:k], rollout.embeds[:k],
+                                                  self.cfg.diagnostics.kl_every_step)
+        metrics.update(self.agent.update(rollout))
+        metrics["time/samples_per_s"] = len(rollout) / collect_s
+        metrics["time/epoch_s"] = time.perf_counter() - start
+        if self.cfg.samples.every and epoch % self.cfg.samples.every == 0:
+            self._log_samples(epoch, rollout)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out prompts, the same x_T and sampler noise every time: base model at epoch 0."""
+        if not self.eval_prompts:
+            return {}
+        saved = self.agent.generator.get_state()
+        self.agent.generator.manual_seed(self.cfg.seed + 1)
+        self.eval_env.reset(seed=self.cfg.seed + 1)
+        env, self.agent.env = self.agent.env, self.eval_env
+        try:
+            rollout = self.agent.collect(self.eval_prompts)
+        finally:
+            self.agent.env = env
+            self.agent.generator.set_state(saved)
+        out = {"eval/proxy": rollout.rewards.mean().item()}
+        if "gold/score" in rollout.info:
+            out["eval/gold"] = rollout.info["gold/score"].mean().item()
+            out["eval/gold_correct"] = rollout.info["gold/correct"].mean().item()
+        return out
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        bar = tqdm(range(self.start_epoch, cfg.epochs), initial=self.start_epoch, total=cfg.epochs,
+                   desc=f"{cfg.agent.name}/{cfg.env.name}", dynamic_ncols=True)
+        for epoch in bar:
+            evaluating = epoch == 0 or (cfg.eval.every and epoch % cfg.eval.every == 0)
+            metrics = self.evaluate() if evaluating else {}
+            metrics.update(self.epoch(epoch))
+            self.logger.log(epoch, metrics)
+            bar.set_postfix(proxy=f"{metrics['reward/proxy']:.3f}",
+                            gold=f"{metrics.get('reward/gold', float('nan')):.3f}")
+            stop = False
+            if "eval/gold" in metrics:
+                if metrics["eval/gold_correct"] > self.best_gold:
+                    self.best_gold = metrics["eval/gold_correct"]
+                    self._save("best", epoch)
+                stop = cfg.early_stop.enabled and self.stopper.update(metrics["eval/gold"], metrics["eval/proxy"])
+            self._save("last", epoch)
+            if stop:
+                tqdm.write(f"early stop at epoch {epoch}: held-out gold fell for {cfg.early_stop.patience} "
+                           "evaluations while the proxy rose; the best-gold checkpoint is checkpoints/best")
+                break
+        final = self.evaluate()
+        if final:
+            self.logger.log(cfg.epochs, final)
+        self.logger.close()
+        return {**metrics, **{f"final/{k}": v for k, v in final.items()}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save(self, name: str, epoch: int) -> None:
+        from t2i_rl.checkpoint import save_checkpoint
+
+        state = {"epoch": epoch, "agent": self.agent.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "hack_threshold": self.hacks.threshold, "stopper": self.stopper.history,
+                 "best_gold": self.best_gold}
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, state)
+
+    def _resume(self, path: Path) -> None:
+        from t2i_rl.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path, self.policy)
+        self.agent.load_state_dict(state["agent"])
+        torch.set_rng_state(state["torch_rng"])
+        self.hacks.threshold = state["hack_threshold"]
+        self.stopper.history = state["stopper"]
+        self.best_gold = state["best_gold"]
+        self.start_epoch = state["epoch"] + 1
+
+    def _log_samples(self, epoch: int, rollout) -> None:
+        from t2i_rl.diagnostics import image_grid
+
+        n = min(len(rollout), self.cfg.samples.num)
+        gold = rollout.info.get("gold/score", torch.full((n,), float("nan")))
+        caption = "\n".join(f"{i}: {rollout.prompts[i]} | proxy {rollout.rewards[i]:.3f} | gold {gold[i]:.2f}  "
+                            for i in range(n))
+        self.logger.images("samples/train", image_grid(rollout.images[:n]), epoch, caption)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    return Trainer(cfg).fit()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run(cfg)
+
+
+def main() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
