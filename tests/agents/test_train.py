@@ -65,3 +65,62 @@ def test_every_agent_env_pair_runs_a_tiny_epoch(tiny_assets, tmp_path, agent, en
     assert {"reward/proxy", "reward/gold", "eval/gold_correct", "policy/kl_to_base"} <= set(first)
     assert (tmp_path / "run" / "checkpoints" / "last").is_dir()
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_resuming_equals_not_stopping(tiny_assets, tmp_path):
+    """2 epochs in one go == 1 epoch, a new process resuming, 1 more epoch: same parameters."""
+    straight = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "a", epochs=2)))
+    straight.fit()
+    first = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "b", epochs=1)))
+    first.fit()
+    resumed = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "b", epochs=2)))
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    for a, b in zip(straight.policy.trainable_parameters(), resumed.policy.trainable_parameters()):
+        assert torch.equal(a, b)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]  # 2 = the final held-out evaluation
+
+
+def test_tensorboard_events_hold_the_design_tags(tiny_assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "run")))
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"reward/proxy", "reward/gold", "reward/rm/clip", "textnorm/confidence", "policy/kl_to_base",
+            "policy/approx_kl", "policy/clipfrac", "loss/policy", "overopt/hacked_frac",
+            "diversity/pixel_rms", "time/samples_per_s", "eval/gold_correct", "eval/gold", "eval/proxy"}
+    assert want <= tags, want - tags
+    assert any(t.startswith("samples/") for t in acc.Tags()["images"])
+
+
+def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tiny_assets, tmp_path):
+    from t2i_rl.models import load_pipeline
+
+    trainer = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "run")))
+    trainer.fit()
+    pipe = load_pipeline(tiny_assets["pipeline"])
+    pipe.load_lora_weights(str(tmp_path / "run" / "checkpoints" / "last"))
+    trained = {n: p for n, p in trainer.policy.unet.named_parameters() if "lora_B" in n}
+    loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    assert len(trained) == len(loaded) > 0
+    assert all(torch.equal(a, b) for a, b in zip(trained.values(), loaded.values()))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["agent=nope"], "unknown agent 'nope'; allowed: "),
+    (["env=nope"], "unknown env 'nope'"),
+    (["agent.lr=-1"], "agent.lr = -1 is invalid"),
+    (["epochs=0"], "epochs = 0 is invalid"),
+    (["agent.bogus=1"], "bogus"),
+])
+def test_invalid_config_gives_one_error_line_and_no_work(tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "t2i_rl.train", f"output_dir={out}", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not (out / "checkpoints").exists()

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from agents.base import per_prompt_normalize
+from agents.ddpo import DDPOConfig, PerPromptStatTracker, ppo_clip_loss
+
+
+def test_ppo_clip_loss_equals_hand_computation():
+    logp = torch.tensor([0.0, 0.2, -0.3])
+    old = torch.tensor([0.1, 0.0, -0.3])
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    eps = 0.1
+    loss, approx_kl, clipfrac = ppo_clip_loss(logp, old, adv, eps)
+    r = torch.exp(logp - old)  # 0.905, 1.221, 1.0
+    # sample 0: 0.905 lies inside [0.9, 1.1]: max(-0.905, -0.905) = -0.905
+    # sample 1: max(2*1.221, 2*1.1) = 2.443
+    # sample 2: max(-0.5, -0.5) = -0.5
+    want = (-r[0] + 2 * r[1] - 0.5) / 3
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    assert approx_kl.item() == pytest.approx(0.5 * (0.01 + 0.04 + 0) / 3, abs=1e-7)
+    assert clipfrac.item() == pytest.approx(1 / 3)  # only sample 1 leaves the band
+
+
+def test_per_prompt_normalization_and_groups():
+    prompts = ["a", "a", "b", "b"]
+    rewards = torch.tensor([1.0, 3.0, 10.0, 10.0])
+    adv = per_prompt_normalize(prompts, rewards)
+    assert torch.allclose(adv[:2], torch.tensor([-1.0, 1.0]), atol=1e-4)
+    assert torch.allclose(adv[2:], torch.zeros(2))
+
+
+def test_stat_tracker_uses_the_batch_until_min_count():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    r = torch.tensor([0.0, 2.0])
+    adv = tracker.update(["a", "b"], r)
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0]), atol=1e-4)
+    tracker.update(["a", "a"], torch.tensor([1.0, 2.0]))
+    adv = tracker.update(["a"], torch.tensor([3.0]))  # buffer a: [0, 1, 2, 3]
+    hist = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert adv.item() == pytest.approx(((3 - hist.mean()) / hist.std(unbiased=False)).item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("field, value", [("clip_range", 0.0), ("lr", -1.0), ("group_size", 1),
+                                          ("timestep_fraction", 1.5), ("lora_rank", 0)])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        DDPOConfig(**{field: value})
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="learning_rate"):
+        DDPOConfig.from_dict({"learning_rate": 1e-3})
