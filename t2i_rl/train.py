@@ -226,12 +226,29 @@ def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def main() -> None:
+def precheck(argv: list[str]) -> None:
+    """Compose and validate the config as Hydra will, so that any mistake is one line, not a page."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_overrides(argv)
     try:
-        check_overrides(sys.argv[1:])
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(str(err).splitlines()[0]) from None
+    validate(cfg)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if not any(a.startswith("-") for a in argv):  # Hydra's own flags (--help, --multirun) go through
+        try:
+            precheck(argv)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
     _hydra_main()
 
 
