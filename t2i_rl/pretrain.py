@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .models import build_pipeline, build_tokenizer, save_pipeline_atomically
+from .recipe import load_config, lr_lambda
 from .world import ShapesWorld
 from .world.grammar import sample_scenes
 from .world.render import render_scenes
@@ -48,16 +48,6 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"unet.cond_dropout must be in [0, 1), got {cfg.unet.cond_dropout}")
     if not 0 <= float(cfg.unet.ema_decay) < 1:
         raise ValueError(f"unet.ema_decay must be in [0, 1), got {cfg.unet.ema_decay}")
-
-
-def lr_lambda(warmup: int, total: int, floor: float = 0.1):
-    """Linear warm-up, then cosine decay to `floor` of the peak."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 def render_batch(world: ShapesWorld, n: int, rng: np.random.Generator, two_object_prob: float):
@@ -177,20 +167,21 @@ def pretrain(cfg: DictConfig) -> Path:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str]) -> DictConfig:
-    cfg = OmegaConf.load(path)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ValueError(f"overrides must look like key=value, got {bad}")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m t2i_rl.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
+    parser.add_argument("--stage", choices=("sd", "rewards"), default="sd",
+                        help="sd: the Stable Diffusion pipeline (default); rewards: the proxy reward "
+                             "models, trained on the shipped pipeline's samples "
+                             "(configs/pretrain/rewards.yaml)")
+    parser.add_argument("--config", default=None, help="YAML config file (default: the stage's own)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. unet.steps=100")
     args = parser.parse_args(argv)
+    if args.stage == "rewards":
+        from .rewards.train import main as train_rewards
+
+        return train_rewards(([] if args.config is None else ["--config", args.config]) + args.overrides)
+    args.config = args.config or str(DEFAULT_CONFIG)
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)

@@ -1,0 +1,87 @@
+"""Build rewards from names or specs (dicts or OmegaConf configs, as Hydra gives them).
+
+    make_reward("clip")
+    make_reward({"name": "lee", "path": "runs/rm/lee"})
+    make_reward({"name": "ensemble", "members": ["clip", "lee"], "mode": "mean_minus_std", "lam": 0.5})
+    make_reward({"name": "textnorm", "base": {"name": "ensemble", "members": ["clip", "pairwise"]},
+                 "tau": {"clip": 0.02, "pairwise": 1.0}, "k": 8})
+
+The learned models load from `path`, or from the shipped weights in `REWARD_ASSETS/<name>/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ._common import positive_float
+from .base import RewardFunction
+from .clip_style import ShapesCLIP
+from .composers import Ensemble, TextNorm
+from .gold import GoldReward
+from .lee import LeeReward
+from .pairwise import PairwiseReward
+
+REWARD_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "rewards"
+LEARNED = {"clip": ShapesCLIP, "lee": LeeReward, "pairwise": PairwiseReward}
+_KEYS = {
+    "clip": {"path"}, "lee": {"path"}, "pairwise": {"path"}, "gold": set(),
+    "ensemble": {"members", "mode", "lam", "weights"},
+    "textnorm": {"base", "tau", "k", "seed"},
+}
+
+
+def reward_names() -> list[str]:
+    """Every name `make_reward` accepts."""
+    return list(_KEYS)
+
+
+def _shipped(name: str) -> Path:
+    path = REWARD_ASSETS / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the shipped {name!r} reward model is missing at {path}; train it with "
+            "`python -m t2i_rl.pretrain --stage rewards` (or pass a folder as 'path')")
+    return path
+
+
+def make_reward(spec, device: str = "cpu") -> RewardFunction:
+    """A reward from a name ("clip", "lee", "pairwise", "gold") or a spec with a "name" key."""
+    if isinstance(spec, RewardFunction):
+        return spec.to(device)
+    if isinstance(spec, (DictConfig, ListConfig)):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"a reward spec must be a name or a mapping with a 'name' key, got {spec!r}")
+    if "name" not in spec:
+        raise ValueError(f"reward spec {dict(spec)!r} has no 'name'; allowed names: {', '.join(_KEYS)}")
+    name = spec["name"]
+    if name not in _KEYS:
+        raise ValueError(f"unknown reward {name!r}; allowed names: {', '.join(_KEYS)}")
+    extra = sorted(set(spec) - _KEYS[name] - {"name"})
+    if extra:
+        allowed = sorted(_KEYS[name]) or "none"
+        raise ValueError(f"unknown keys {extra} for reward {name!r}; allowed keys: {allowed}")
+
+    if name in LEARNED:
+        path = spec.get("path")
+        return LEARNED[name].from_pretrained(Path(path) if path else _shipped(name), device=device)
+    if name == "gold":
+        return GoldReward()
+    if name == "ensemble":
+        members = spec.get("members")
+        if isinstance(members, (str, Mapping)) or not isinstance(members, (list, tuple)) or not members:
+            raise ValueError(f"an ensemble needs 'members': a non-empty list of reward specs, got {members!r}")
+        return Ensemble([make_reward(m, device) for m in members], mode=spec.get("mode", "mean"),
+                        lam=spec.get("lam", 0.5), weights=spec.get("weights"))
+    if "base" not in spec:
+        raise ValueError("textnorm needs 'base': the reward spec to normalize (a raw model or an ensemble)")
+    tau = spec.get("tau")
+    if tau is not None and not isinstance(tau, Mapping):
+        positive_float(tau, "tau")  # fail before loading any model
+    return TextNorm(make_reward(spec["base"], device), tau=spec.get("tau"), k=spec.get("k"),
+                    seed=spec.get("seed", 0))
