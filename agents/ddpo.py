@@ -116,28 +116,30 @@ class DDPOAgent(Agent):
             adv = (rollout.rewards - rollout.rewards.mean()) / (rollout.rewards.std(unbiased=False) + 1e-6)
         return adv.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
 
+    def step_loss(self, x: torch.Tensor, x_next: torch.Tensor, i: int, embeds: torch.Tensor,
+                  old_log_prob: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss at denoising step i of a minibatch (DPOK overrides it to add its KL)."""
+        log_prob = self.policy.log_prob(x, x_next, i, embeds)
+        loss, approx_kl, clipfrac = ppo_clip_loss(log_prob, old_log_prob, adv, self.cfg.clip_range)
+        penalty = self.kl_penalty(x, i, embeds)
+        return loss + penalty, {"loss/policy": loss.item(), "loss/kl_penalty": float(penalty),
+                                "policy/approx_kl": approx_kl.item(), "policy/clipfrac": clipfrac.item()}
+
     def update(self, rollout: Rollout) -> dict[str, float]:
         adv = self.advantages(rollout)
         n_steps = max(1, round(self.cfg.timestep_fraction * self.policy.num_steps))
-        stats: dict[str, list[float]] = {"loss/policy": [], "loss/kl_penalty": [], "policy/approx_kl": [],
-                                         "policy/clipfrac": [], "policy/grad_norm": []}
+        stats: dict[str, list[float]] = {}
         for _ in range(self.cfg.inner_epochs):
             for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
                 steps = torch.randperm(self.policy.num_steps, generator=self.generator)[:n_steps]
                 for i in steps.tolist():
-                    x, x_next = rollout.latents[idx, i], rollout.latents[idx, i + 1]
-                    embeds = rollout.embeds[idx]
-                    log_prob = self.policy.log_prob(x, x_next, i, embeds)
-                    loss, approx_kl, clipfrac = ppo_clip_loss(log_prob, rollout.log_probs[idx, i], adv[idx],
-                                                              self.cfg.clip_range)
-                    penalty = self.kl_penalty(x, i, embeds)
-                    ((loss + penalty) / n_steps).backward()
-                    stats["loss/policy"].append(loss.item())
-                    stats["loss/kl_penalty"].append(float(penalty))
-                    stats["policy/approx_kl"].append(approx_kl.item())
-                    stats["policy/clipfrac"].append(clipfrac.item())
-                stats["policy/grad_norm"].append(self.optimizer_step())
-        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+                    loss, step_stats = self.step_loss(rollout.latents[idx, i], rollout.latents[idx, i + 1], i,
+                                                      rollout.embeds[idx], rollout.log_probs[idx, i], adv[idx])
+                    (loss / n_steps).backward()  # accumulate over the sampled steps
+                    for k, v in step_stats.items():
+                        stats.setdefault(k, []).append(v)
+                stats.setdefault("policy/grad_norm", []).append(self.optimizer_step())
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/advantage_abs"] = adv.abs().mean().item()
         return out
 

@@ -1,14 +1,11 @@
 """DPOK: the loss by hand, one update on a tiny pipeline, the KL at the reference, config checks."""
 
 import math
-from dataclasses import fields
 
 import pytest
 import torch
-import yaml
 
 from agents.dpok import DPOKAgent, DPOKConfig, dpok_loss
-from t2i_rl.train import CONFIG_DIR
 
 
 def make_agent(**overrides):
@@ -82,9 +79,3 @@ def test_update_changes_parameters_and_kl_is_zero_at_the_reference():
 def test_bad_config_values_name_the_field(key, value):
     with pytest.raises(ValueError, match=f"agent.{key} = "):
         DPOKConfig(**{key: value})
-
-
-def test_yaml_keys_are_the_dataclass_fields():
-    values = yaml.safe_load((CONFIG_DIR / "agent" / "dpok.yaml").read_text())
-    assert set(values) == {f.name for f in fields(DPOKConfig)}
-    assert DPOKConfig.from_dict(values) == DPOKConfig()

@@ -3,15 +3,12 @@ ShapesWorld and image-folder pre-training data, config checks."""
 
 import json
 import math
-from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from agents.rwr import CaptionFolder, RWRAgent, RWRConfig, reward_weights, weighted_denoising_loss
-from t2i_rl.train import CONFIG_DIR
 
 
 def make_agent(**overrides):
@@ -96,9 +93,3 @@ def test_caption_folder_pretrain_data(tmp_path):
 def test_bad_config_values_name_the_field(key, value):
     with pytest.raises(ValueError, match=f"agent.{key} = "):
         RWRConfig(**{key: value})
-
-
-def test_yaml_keys_are_the_dataclass_fields():
-    values = yaml.safe_load((CONFIG_DIR / "agent" / "rwr.yaml").read_text())
-    assert set(values) == {f.name for f in fields(RWRConfig)}
-    assert RWRConfig.from_dict(values) == RWRConfig()

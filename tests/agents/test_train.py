@@ -51,6 +51,19 @@ def test_every_agent_env_pair_composes(agent, env):
 
 
 @pytest.mark.parametrize("agent", sorted(AGENTS))
+def test_agent_yaml_holds_exactly_the_config_fields(agent):
+    from dataclasses import fields
+
+    from agents import agent_class
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"agent={agent}"])
+    config_class = agent_class(agent).config_class
+    assert set(cfg.agent) == {f.name for f in fields(config_class)}
+    config_class.from_dict(dict(cfg.agent))  # validates
+
+
+@pytest.mark.parametrize("agent", sorted(AGENTS))
 @pytest.mark.parametrize("env", ENVS)
 def test_every_agent_env_pair_runs_a_tiny_epoch(tiny_assets, tmp_path, agent, env):
     cfg = compose_cfg(tiny_overrides(tiny_assets, tmp_path / "run", agent, env))
