@@ -137,3 +137,13 @@ def test_invalid_config_gives_one_error_line_and_no_work(tmp_path, args, message
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not (out / "checkpoints").exists()
+
+
+def test_plot_draws_reward_vs_human_from_metrics(tiny_assets, tmp_path):
+    from t2i_rl.plot import main as plot_main
+
+    run(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "run")))
+    out = tmp_path / "curves.png"
+    assert plot_main([str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
