@@ -197,6 +197,12 @@ def load_pipeline(
             f"the shipped pipeline {name_or_path!r} is missing at {path}; "
             "run `python -m t2i_rl.pretrain` to train it"
         )
+    local = Path(path).expanduser()
+    if (local.is_absolute() or str(path).startswith((".", "~"))) and not local.is_dir():
+        raise FileNotFoundError(
+            f"no pipeline folder at {path}; give a folder saved with save_pretrained, "
+            f"a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {sorted(SHIPPED_PIPELINES)}"
+        )
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
     )
