@@ -1,7 +1,7 @@
 """Reward-vs-human curves from runs' metrics.jsonl: `python -m t2i_rl.plot RUN [RUN ...] --out F.png`.
 
-One panel per quantity (train proxy, train gold, held-out gold all-correct, KL to base), one line
-per run, so a proxy that climbs while the gold stays flat or falls is seen at a glance.
+One panel per quantity (proxy and gold on the training batches and on held-out prompts, KL to
+base), one line per run, so a proxy that climbs while the gold stays flat or falls is seen at a glance.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [("reward/proxy", "proxy reward (train)"), ("reward/gold", "gold score (train)"),
-          ("eval/gold_correct", "held-out all-correct (judge)"), ("policy/kl_to_base", "KL to base (nats)")]
+          ("eval/proxy", "proxy reward (held-out)"), ("eval/gold_correct", "all-correct by the judge (held-out)"),
+          ("policy/kl_to_base", "KL to base (nats)")]
 
 
 def read_metrics(run: str | Path) -> list[dict]:
