@@ -121,6 +121,8 @@ class Agent(ABC):
         """Run `samples_per_epoch` episodes through the env with the current policy."""
         parts = []
         n = len(prompts) if prompts is not None else self.cfg.samples_per_epoch
+        if n % self.env.num_envs:
+            raise ValueError(f"{n} prompts do not fill batches of the env's {self.env.num_envs}")
         for start in range(0, n, self.env.num_envs):
             options = None if prompts is None else {"prompts": prompts[start:start + self.env.num_envs]}
             parts.append(self._episode(options))

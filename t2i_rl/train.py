@@ -49,6 +49,10 @@ def validate(cfg: DictConfig):
         ("env.guidance_scale", cfg.env.guidance_scale >= 0, ">= 0"),
         ("eval.every", cfg.eval.every >= 0, ">= 0 (0: only at epoch 0)"),
         ("eval.num_prompts", cfg.eval.num_prompts >= 0, ">= 0"),
+        ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
+        ("eval.num_prompts", cfg.eval.num_prompts <= cfg.eval.batch_size
+         or cfg.eval.num_prompts % cfg.eval.batch_size == 0,
+         f"at most eval.batch_size ({cfg.eval.batch_size}) or a multiple of it"),
     ]:
         if not ok:
             raise ValueError(f"{key} = {OmegaConf.select(cfg, key)} is invalid: must be {rule}")
@@ -79,7 +83,8 @@ class Trainer:
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta)
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
-        self.eval_env = DenoiseVectorEnv(num_envs=cfg.eval.batch_size, prompts=cfg.env.prompts, **env_kwargs)
+        eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.num_prompts))
+        self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg, self.env, self.policy)
         self.eval_prompts = ShapesWorld().sample_prompts(cfg.eval.num_prompts, seed=cfg.seed, split="heldout") \

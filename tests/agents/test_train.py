@@ -128,6 +128,7 @@ def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tiny_assets, tmp_path):
     (["agent.lr=-1"], "agent.lr = -1 is invalid"),
     (["epochs=0"], "epochs = 0 is invalid"),
     (["agent.bogus=1"], "bogus"),
+    (["eval.num_prompts=100", "eval.batch_size=64"], "eval.num_prompts = 100 is invalid"),
 ])
 def test_invalid_config_gives_one_error_line_and_no_work(tmp_path, args, message):
     out = tmp_path / "run"
