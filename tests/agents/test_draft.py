@@ -2,27 +2,12 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-import envs
 from agents.draft import DRaFTAgent, DRaFTConfig
 from agents.refl import decode_differentiable
-from t2i_rl.models import build_pipeline
-from t2i_rl.rewards import GoldReward, ShapesCLIP
+from t2i_rl.rewards import GoldReward
 
 STEPS = 3
 PROMPTS = ["a red circle on a white background", "two blue squares on a black background"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return ShapesCLIP.build(seed=0)
-
-
-def make(clip, reward=None, **cfg):
-    pipe = build_pipeline(text_hidden_size=32, vae_channels=(16, 32), unet_channels=(16, 32), seed=0)
-    env = envs.DenoiseVectorEnv(num_envs=2, pipeline=pipe, reward=reward or clip, num_steps=STEPS)
-    policy = env.policy(lora_rank=4)
-    cfg = {"samples_per_epoch": 2, "train_batch_size": 2, **cfg}
-    return DRaFTAgent(DRaFTConfig(**cfg), env, policy)
 
 
 def agent_grads(agent, k, seed=0):
@@ -33,8 +18,8 @@ def agent_grads(agent, k, seed=0):
     return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(agent.params, grads)]
 
 
-def test_one_update_changes_lora_only(clip):
-    agent = make(clip, k_last=2, kl_coef=0.1)
+def test_one_update_changes_lora_only(tiny_agent):
+    agent = tiny_agent(DRaFTAgent, k_last=2, kl_coef=0.1)
     pipe = agent.policy.pipe
     frozen = {f"vae.{k}": v.clone() for k, v in pipe.vae.state_dict().items()}
     frozen.update({f"text.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()})
@@ -50,8 +35,8 @@ def test_one_update_changes_lora_only(clip):
     assert all(torch.equal(now[k], v) for k, v in frozen.items())
 
 
-def test_checkpointing_gives_the_same_gradient(clip):
-    agent = make(clip, k_last=STEPS, kl_coef=0.1)
+def test_checkpointing_gives_the_same_gradient(tiny_agent):
+    agent = tiny_agent(DRaFTAgent, k_last=STEPS, kl_coef=0.1)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in agent.params:
@@ -65,8 +50,8 @@ def test_checkpointing_gives_the_same_gradient(clip):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_k1_gradient_equals_a_manual_last_step_only_computation(clip, monkeypatch):
-    agent = make(clip, k_last=1)
+def test_k1_gradient_equals_a_manual_last_step_only_computation(tiny_agent, clip, monkeypatch):
+    agent = tiny_agent(DRaFTAgent, k_last=1)
     policy = agent.policy
     calls = []
     original = policy.noise_pred
@@ -101,22 +86,22 @@ def test_k1_gradient_equals_a_manual_last_step_only_computation(clip, monkeypatc
     assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(full, want))
 
 
-def test_randomized_truncation_draws_k_in_range(clip):
-    agent = make(clip, k_last=STEPS, truncated_backprop_random=True)
+def test_randomized_truncation_draws_k_in_range(tiny_agent):
+    agent = tiny_agent(DRaFTAgent, k_last=STEPS, truncated_backprop_random=True)
     ks = {agent.draw_k() for _ in range(60)}
     assert ks == set(range(1, STEPS + 1))
     agent.cfg.truncated_backprop_random = False
     assert agent.draw_k() == STEPS
 
 
-def test_non_differentiable_reward_is_refused(clip):
+def test_non_differentiable_reward_is_refused(tiny_agent):
     with pytest.raises(ValueError, match="'gold'.*not differentiable"):
-        make(clip, reward=GoldReward())
+        tiny_agent(DRaFTAgent, reward=GoldReward())
 
 
-def test_k_beyond_the_chain_is_refused(clip):
+def test_k_beyond_the_chain_is_refused(tiny_agent):
     with pytest.raises(ValueError, match="agent.k_last"):
-        make(clip, k_last=STEPS + 1)
+        tiny_agent(DRaFTAgent, k_last=STEPS + 1)
 
 
 @pytest.mark.parametrize("field, value", [("k_last", 0), ("k_last", 1.5), ("reward_scale", 0.0),

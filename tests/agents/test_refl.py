@@ -1,26 +1,11 @@
 import pytest
 import torch
 
-import envs
 from agents.refl import ReFLAgent, ReFLConfig, kl_penalty_from_mean, refl_loss
-from t2i_rl.models import build_pipeline
-from t2i_rl.rewards import GoldReward, ShapesCLIP
+from t2i_rl.rewards import GoldReward
 
 STEPS = 3
 PROMPTS = ["a red circle on a white background", "two blue squares on a black background"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return ShapesCLIP.build(seed=0)
-
-
-def make(clip, reward=None, **cfg):
-    pipe = build_pipeline(text_hidden_size=32, vae_channels=(16, 32), unet_channels=(16, 32), seed=0)
-    env = envs.DenoiseVectorEnv(num_envs=2, pipeline=pipe, reward=reward or clip, num_steps=STEPS)
-    policy = env.policy(lora_rank=4)
-    cfg = {"samples_per_epoch": 2, "train_batch_size": 2, **cfg}
-    return ReFLAgent(ReFLConfig(**cfg), env, policy)
 
 
 def test_refl_loss_equals_hand_computation():
@@ -39,8 +24,8 @@ def test_refl_loss_equals_hand_computation():
     assert torch.allclose(x.grad, torch.tensor([-1.0, 0.0, -1.0]) / 3)
 
 
-def test_one_update_changes_lora_only(clip):
-    agent = make(clip, pretrain_beta=0.5, kl_coef=0.1)
+def test_one_update_changes_lora_only(tiny_agent):
+    agent = tiny_agent(ReFLAgent, pretrain_beta=0.5, kl_coef=0.1)
     pipe = agent.policy.pipe
     frozen = {f"vae.{k}": v.clone() for k, v in pipe.vae.state_dict().items()}
     frozen.update({f"text.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()})
@@ -56,8 +41,8 @@ def test_one_update_changes_lora_only(clip):
     assert all(torch.equal(now[k], v) for k, v in frozen.items())
 
 
-def test_only_the_chosen_late_step_has_gradients(clip, monkeypatch):
-    agent = make(clip, late_window=[1, 1])
+def test_only_the_chosen_late_step_has_gradients(tiny_agent, monkeypatch):
+    agent = tiny_agent(ReFLAgent, late_window=[1, 1])
     calls = []
     original = agent.policy.noise_pred
 
@@ -74,15 +59,15 @@ def test_only_the_chosen_late_step_has_gradients(clip, monkeypatch):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_default_window_is_late_and_valid(clip):
+def test_default_window_is_late_and_valid():
     assert ReFLAgent._window(None, 20) == (14, 17)
     assert ReFLAgent._window(None, 2) == (1, 1)
     assert ReFLAgent._window(None, 1) == (0, 0)
     assert ReFLAgent._window([0, 2], 3) == (0, 2)
 
 
-def test_kl_from_the_gradient_step_equals_the_base_penalty(clip):
-    agent = make(clip, kl_coef=0.3)
+def test_kl_from_the_gradient_step_equals_the_base_penalty(tiny_agent):
+    agent = tiny_agent(ReFLAgent, kl_coef=0.3)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in agent.params:
@@ -96,9 +81,9 @@ def test_kl_from_the_gradient_step_equals_the_base_penalty(clip):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_non_differentiable_reward_is_refused(clip):
+def test_non_differentiable_reward_is_refused(tiny_agent):
     with pytest.raises(ValueError, match="'gold'.*not differentiable"):
-        make(clip, reward=GoldReward())
+        tiny_agent(ReFLAgent, reward=GoldReward())
 
 
 @pytest.mark.parametrize("field, value", [("late_window", [3, 1]), ("late_window", [-1, 2]),
@@ -111,9 +96,9 @@ def test_bad_config_names_the_field(field, value):
         ReFLConfig(**{field: value})
 
 
-def test_window_beyond_the_chain_is_refused(clip):
+def test_window_beyond_the_chain_is_refused(tiny_agent):
     with pytest.raises(ValueError, match="agent.late_window"):
-        make(clip, late_window=[1, STEPS])
+        tiny_agent(ReFLAgent, late_window=[1, STEPS])
 
 
 def test_unknown_option_is_named():
