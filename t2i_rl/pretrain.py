@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .models import build_pipeline, build_tokenizer, save_pipeline_atomically
-from .recipe import load_config, lr_lambda
+from .recipe import load_checked, lr_lambda
 from .world import ShapesWorld
 from .world.grammar import sample_scenes
 from .world.render import render_scenes
@@ -181,12 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         from .rewards.train import main as train_rewards
 
         return train_rewards(([] if args.config is None else ["--config", args.config]) + args.overrides)
-    args.config = args.config or str(DEFAULT_CONFIG)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_checked(args.config or DEFAULT_CONFIG, args.overrides, validate)
+    if cfg is None:
         return 2
     pretrain(cfg)
     return 0

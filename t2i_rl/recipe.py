@@ -4,6 +4,8 @@ learning-rate schedule."""
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +18,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     if bad:
         raise ValueError(f"overrides must look like key=value, got {bad}")
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+
+
+def load_checked(path: str | Path, overrides: list[str], validate: Callable[[DictConfig], None]) -> DictConfig | None:
+    """`load_config` + `validate`; on a bad file or value, one `error:` line and None (exit 2)."""
+    try:
+        cfg = load_config(path, overrides)
+        validate(cfg)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    return cfg
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):

@@ -1,7 +1,8 @@
 import torch
 
 from t2i_rl.models import load_pipeline
-from t2i_rl.pretrain import DEFAULT_CONFIG, load_config, main
+from t2i_rl.pretrain import DEFAULT_CONFIG, main
+from t2i_rl.recipe import load_config
 
 
 def test_pretrain_smoke_run_saves_a_loadable_pipeline(tmp_path):

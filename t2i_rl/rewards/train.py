@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..models import build_tokenizer
-from ..recipe import load_config, lr_lambda
+from ..recipe import load_checked, lr_lambda
 from ..world import ShapesWorld
 from ..world.grammar import contrastive_scenes, parse_prompt, sample_scenes
 from ..world.render import render_scenes
@@ -330,11 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. clip.steps=100")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_checked(args.config, args.overrides, validate)
+    if cfg is None:
         return 2
     from ..models import load_pipeline
 

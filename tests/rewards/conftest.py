@@ -4,7 +4,8 @@ import pytest
 
 from t2i_rl.models import build_tokenizer
 from t2i_rl.rewards import LeeReward, PairwiseReward, ShapesCLIP
-from t2i_rl.rewards.train import DEFAULT_CONFIG, load_config
+from t2i_rl.recipe import load_config
+from t2i_rl.rewards.train import DEFAULT_CONFIG
 from t2i_rl.world import ShapesWorld
 
 TINY = [

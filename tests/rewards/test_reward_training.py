@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from t2i_rl.models import build_pipeline
+from t2i_rl.recipe import load_config
 from t2i_rl.rewards import LeeReward, PairwiseReward, ShapesCLIP, make_reward
 from t2i_rl.rewards.train import (
-    DEFAULT_CONFIG, info_nce, load_config, main, render_pool, sample_base, train_all, train_clip,
+    DEFAULT_CONFIG, info_nce, main, render_pool, sample_base, train_all, train_clip,
     train_lee, train_pairwise, validate,
 )
 
