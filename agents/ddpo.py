@@ -30,6 +30,9 @@ class DDPOConfig(AgentConfig):
     stat_min_count: int = field(default=16, metadata={"help": "fewer rewards of a prompt: use the batch"})
     group_size: int = field(default=0, metadata={
         "help": "GRPO-style: k samples per prompt, advantages relative to the group (0: off)"})
+    step_chunk: int = field(default=0, metadata={
+        "help": "denoising steps re-evaluated per UNet call in the update (0: all sampled steps of a "
+                "minibatch in one call; 1: one step per call, as TRL does); the gradient is the same"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,6 +48,8 @@ class DDPOConfig(AgentConfig):
             raise ValueError("agent.stat_buffer_size and agent.stat_min_count must be >= 1")
         if self.group_size < 0 or self.group_size == 1:
             raise ValueError(f"agent.group_size = {self.group_size} is invalid: 0 (off) or >= 2")
+        if self.step_chunk < 0:
+            raise ValueError(f"agent.step_chunk = {self.step_chunk} is invalid: must be >= 0 (0: all steps)")
         if self.group_size and self.samples_per_epoch % self.group_size:
             raise ValueError(f"agent.samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
                              f"agent.group_size ({self.group_size})")
@@ -116,13 +121,13 @@ class DDPOAgent(Agent):
             adv = (rollout.rewards - rollout.rewards.mean()) / (rollout.rewards.std(unbiased=False) + 1e-6)
         return adv.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
 
-    def step_loss(self, x: torch.Tensor, x_next: torch.Tensor, i: int, embeds: torch.Tensor,
+    def step_loss(self, x: torch.Tensor, x_next: torch.Tensor, i: int | torch.Tensor, embeds: torch.Tensor,
                   old_log_prob: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss at denoising step i of a minibatch (DPOK overrides it to add its KL)."""
+        """The loss of transitions at denoising step(s) i, one int or one per row (DPOK adds its KL)."""
         log_prob = self.policy.log_prob(x, x_next, i, embeds)
         loss, approx_kl, clipfrac = ppo_clip_loss(log_prob, old_log_prob, adv, self.cfg.clip_range)
         penalty = self.kl_penalty(x, i, embeds)
-        return loss + penalty, {"loss/policy": loss.item(), "loss/kl_penalty": float(penalty),
+        return loss + penalty, {"loss/policy": loss.item(), "loss/kl_penalty": float(penalty.detach()),
                                 "policy/approx_kl": approx_kl.item(), "policy/clipfrac": clipfrac.item()}
 
     def update(self, rollout: Rollout) -> dict[str, float]:
@@ -132,12 +137,19 @@ class DDPOAgent(Agent):
         for _ in range(self.cfg.inner_epochs):
             for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
                 steps = torch.randperm(self.policy.num_steps, generator=self.generator)[:n_steps]
-                for i in steps.tolist():
-                    loss, step_stats = self.step_loss(rollout.latents[idx, i], rollout.latents[idx, i + 1], i,
-                                                      rollout.embeds[idx], rollout.log_probs[idx, i], adv[idx])
-                    (loss / n_steps).backward()  # accumulate over the sampled steps
-                    for k, v in step_stats.items():
-                        stats.setdefault(k, []).append(v)
+                chunk = self.cfg.step_chunk or n_steps
+                for start in range(0, n_steps, chunk):
+                    # rows = (sample, step) pairs, sample-major; one UNet call re-evaluates them all
+                    s = steps[start:start + chunk]
+                    k = len(s)
+                    step_index = int(s[0]) if k == 1 else s.repeat(len(idx))
+                    loss, step_stats = self.step_loss(
+                        rollout.latents[idx][:, s].flatten(0, 1), rollout.latents[idx][:, s + 1].flatten(0, 1),
+                        step_index, rollout.embeds[idx].repeat_interleave(k, 0),
+                        rollout.log_probs[idx][:, s].flatten(), adv[idx].repeat_interleave(k))
+                    (loss * k / n_steps).backward()  # the mean over all sampled steps, accumulated
+                    for key, v in step_stats.items():
+                        stats.setdefault(key, []).append(v)
                 stats.setdefault("policy/grad_norm", []).append(self.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/advantage_abs"] = adv.abs().mean().item()

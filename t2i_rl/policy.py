@@ -153,12 +153,25 @@ class DiffusionPolicy:
         self._alpha_prev = torch.stack([torch.as_tensor(a) for a in alpha_prev]).float()
         self._std = torch.stack(std).float()
 
-    def _check_step(self, step_index: int) -> int:
+    def _check_step(self, step_index: int | torch.Tensor) -> int | torch.Tensor:
+        """An int, or a LongTensor [B] of per-sample steps (one UNet call over several steps)."""
+        if isinstance(step_index, torch.Tensor) and step_index.ndim == 1:
+            if step_index.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"per-sample step indices must be an integer tensor, got {step_index.dtype}")
+            if len(step_index) and not (0 <= int(step_index.min()) and int(step_index.max()) < self.num_steps):
+                raise IndexError(f"step indices must be in [0, {self.num_steps - 1}], got "
+                                 f"{int(step_index.min())}..{int(step_index.max())}")
+            return step_index.cpu()
         if isinstance(step_index, torch.Tensor):
             step_index = int(step_index)
         if not 0 <= step_index < self.num_steps:
             raise IndexError(f"step_index must be in [0, {self.num_steps - 1}], got {step_index}")
         return step_index
+
+    def _per_sample(self, values: torch.Tensor, i: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Coefficients of step(s) i: a scalar, or [B, 1, ..., 1] to broadcast over a batch of latents."""
+        v = values[i].to(like.device)
+        return v.view(-1, *([1] * (like.ndim - 1))) if v.ndim else v
 
     def sigma(self, step_index: int, device: torch.device | str | None = None) -> torch.Tensor:
         """sigma_t of step `step_index`: a float32 scalar tensor (independent of theta)."""
@@ -202,6 +215,8 @@ class DiffusionPolicy:
             raise ValueError(f"embeds batch {embeds.shape[0]} != latents batch {latents.shape[0]}")
         unet = self.unet if (not reference or self.reference_unet is None) else self.reference_unet
         t = self.timesteps[step_index].to(latents.device)
+        if t.ndim and len(t) != latents.shape[0]:
+            raise ValueError(f"{len(t)} step indices for a batch of {latents.shape[0]} latents")
         cfg = self.guidance_scale > 1.0
         x = latents.to(unet.dtype)
         cond = embeds.to(device=latents.device, dtype=unet.dtype)
@@ -209,6 +224,7 @@ class DiffusionPolicy:
             uncond = self._uncond.to(device=latents.device, dtype=unet.dtype).expand(cond.shape[0], -1, -1)
             x = torch.cat([x, x])
             cond = torch.cat([uncond, cond])
+            t = torch.cat([t, t]) if t.ndim else t
 
         if reference:
             with torch.no_grad(), self._adapters_off():
@@ -245,9 +261,9 @@ class DiffusionPolicy:
         i = self._check_step(step_index)
         x = latents.float()
         out = model_output.float()
-        alpha_t = self._alpha_t[i].to(x.device)
-        alpha_prev = self._alpha_prev[i].to(x.device)
-        std = self._std[i].to(x.device)
+        alpha_t = self._per_sample(self._alpha_t, i, x)
+        alpha_prev = self._per_sample(self._alpha_prev, i, x)
+        std = self._per_sample(self._std, i, x)
         beta_t = 1 - alpha_t
         # 3. predicted x_0 and eps from the model output (DDIM eq. (12))
         if self.prediction_type == "epsilon":
@@ -269,7 +285,11 @@ class DiffusionPolicy:
     def step_stats(
         self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean [B, C, H, W], std scalar) of pi(. | x_t), float32; differentiable unless reference."""
+        """(mean [B, C, H, W], std) of pi(. | x_t), float32; differentiable unless reference.
+
+        `step_index` is one int for the batch, or a LongTensor [B] of per-sample steps (std is then
+        [B, 1, 1, 1]): the UNet takes per-sample timesteps, so transitions of several steps can be
+        re-evaluated in one call."""
         mean, std, _ = self.ddim_moments(latents, self.noise_pred(latents, step_index, embeds, reference), step_index)
         return mean, std
 
