@@ -203,7 +203,7 @@ class DiffusionPolicy:
 
     # ---------------------------------------------------------------- model
     def noise_pred(
-        self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor, reference: bool = False
+        self, latents: torch.Tensor, step_index: int | torch.Tensor, embeds: torch.Tensor, reference: bool = False
     ) -> torch.Tensor:
         """The guided model output in float32 (eps; v for v-prediction models), one UNet call.
 
@@ -255,7 +255,7 @@ class DiffusionPolicy:
 
     # ---------------------------------------------------------------- DDIM math
     def ddim_moments(
-        self, latents: torch.Tensor, model_output: torch.Tensor, step_index: int
+        self, latents: torch.Tensor, model_output: torch.Tensor, step_index: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std, pred_x0) of x_{t-1} given the model output, in float32, as DDIMScheduler.step."""
         i = self._check_step(step_index)
@@ -283,7 +283,7 @@ class DiffusionPolicy:
         return mean, std, pred_x0
 
     def step_stats(
-        self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor, reference: bool = False
+        self, latents: torch.Tensor, step_index: int | torch.Tensor, embeds: torch.Tensor, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean [B, C, H, W], std) of pi(. | x_t), float32; differentiable unless reference.
 
@@ -305,7 +305,7 @@ class DiffusionPolicy:
     def sample_step(
         self,
         latents: torch.Tensor,
-        step_index: int,
+        step_index: int | torch.Tensor,
         embeds: torch.Tensor,
         generator: torch.Generator | None = None,
         reduce: str = "mean",
@@ -329,7 +329,7 @@ class DiffusionPolicy:
         self,
         latents: torch.Tensor,
         next_latents: torch.Tensor,
-        step_index: int,
+        step_index: int | torch.Tensor,
         embeds: torch.Tensor,
         reduce: str = "mean",
     ) -> torch.Tensor:
@@ -339,7 +339,7 @@ class DiffusionPolicy:
         return self.gaussian_log_prob(next_latents, mean, std, reduce)
 
     def kl_to_reference(
-        self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor, reduce: str = "mean"
+        self, latents: torch.Tensor, step_index: int | torch.Tensor, embeds: torch.Tensor, reduce: str = "mean"
     ) -> torch.Tensor:
         """KL(pi_theta || pi_ref) at x_t [B]: (mu_theta - mu_ref)^2 / (2 sigma_t^2), same sigma on both sides."""
         _check_reduce(reduce)
@@ -351,7 +351,7 @@ class DiffusionPolicy:
         self,
         latents: torch.Tensor,
         next_latents: torch.Tensor,
-        step_index: int,
+        step_index: int | torch.Tensor,
         embeds: torch.Tensor,
         reduce: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor]:

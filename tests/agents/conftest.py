@@ -23,3 +23,16 @@ def tiny_agent(clip):
         return agent_class(agent_class.config_class(**cfg), env, env.policy(lora_rank=4))
 
     return make
+
+
+@pytest.fixture
+def frozen_weights():
+    """snapshot(pipe) -> copies of every weight that must not train (VAE, text encoder, base UNet)."""
+
+    def snapshot(pipe):
+        out = {f"vae.{k}": v.detach().clone() for k, v in pipe.vae.state_dict().items()}
+        out.update({f"text.{k}": v.detach().clone() for k, v in pipe.text_encoder.state_dict().items()})
+        out.update({f"unet.{k}": v.detach().clone() for k, v in pipe.unet.named_parameters() if not v.requires_grad})
+        return out
+
+    return snapshot

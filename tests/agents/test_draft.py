@@ -18,21 +18,17 @@ def agent_grads(agent, k, seed=0):
     return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(agent.params, grads)]
 
 
-def test_one_update_changes_lora_only(tiny_agent):
+def test_one_update_changes_lora_only(tiny_agent, frozen_weights):
     agent = tiny_agent(DRaFTAgent, k_last=2, kl_coef=0.1)
     pipe = agent.policy.pipe
-    frozen = {f"vae.{k}": v.clone() for k, v in pipe.vae.state_dict().items()}
-    frozen.update({f"text.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()})
-    frozen.update({f"unet.{k}": v.clone() for k, v in pipe.unet.named_parameters() if not v.requires_grad})
+    frozen = frozen_weights(pipe)
     lora = [p.detach().clone() for p in agent.params]
     stats = agent.update(agent.collect())
     assert {"loss/draft", "reward/train_step_proxy", "policy/grad_norm"} <= set(stats)
     assert stats["loss/draft"] == pytest.approx(-stats["reward/train_step_proxy"])
     assert any(not torch.equal(a, b) for a, b in zip(agent.params, lora))
-    now = {f"vae.{k}": v for k, v in pipe.vae.state_dict().items()}
-    now.update({f"text.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
-    now.update({f"unet.{k}": v for k, v in pipe.unet.named_parameters() if not v.requires_grad})
-    assert all(torch.equal(now[k], v) for k, v in frozen.items())
+    now = frozen_weights(pipe)
+    assert now.keys() == frozen.keys() and all(torch.equal(now[k], v) for k, v in frozen.items())
 
 
 def test_checkpointing_gives_the_same_gradient(tiny_agent):

@@ -24,21 +24,17 @@ def test_refl_loss_equals_hand_computation():
     assert torch.allclose(x.grad, torch.tensor([-1.0, 0.0, -1.0]) / 3)
 
 
-def test_one_update_changes_lora_only(tiny_agent):
+def test_one_update_changes_lora_only(tiny_agent, frozen_weights):
     agent = tiny_agent(ReFLAgent, pretrain_beta=0.5, kl_coef=0.1)
     pipe = agent.policy.pipe
-    frozen = {f"vae.{k}": v.clone() for k, v in pipe.vae.state_dict().items()}
-    frozen.update({f"text.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()})
-    frozen.update({f"unet.{k}": v.clone() for k, v in pipe.unet.named_parameters() if not v.requires_grad})
+    frozen = frozen_weights(pipe)
     lora = [p.detach().clone() for p in agent.params]
     stats = agent.update(agent.collect())
     assert {"loss/refl", "loss/pretrain", "reward/train_step_proxy", "policy/grad_norm"} <= set(stats)
     assert stats["loss/pretrain"] > 0 and stats["policy/grad_norm"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(agent.params, lora))
-    now = {f"vae.{k}": v for k, v in pipe.vae.state_dict().items()}
-    now.update({f"text.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
-    now.update({f"unet.{k}": v for k, v in pipe.unet.named_parameters() if not v.requires_grad})
-    assert all(torch.equal(now[k], v) for k, v in frozen.items())
+    now = frozen_weights(pipe)
+    assert now.keys() == frozen.keys() and all(torch.equal(now[k], v) for k, v in frozen.items())
 
 
 def test_only_the_chosen_late_step_has_gradients(tiny_agent, monkeypatch):
