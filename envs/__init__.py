@@ -1,5 +1,13 @@
 """Gymnasium environments of t2i-rl (registered as `t2i_rl/...` when `t2i_rl` is imported)."""
 
-from .denoise import DenoiseEnv, DenoiseVectorEnv, NumpyDenoise, make_numpy_env, make_prompt_source
+from .denoise import (
+    DenoiseEnv,
+    DenoiseVectorEnv,
+    NumpyDenoise,
+    heldout_counterpart,
+    make_numpy_env,
+    make_prompt_source,
+)
 
-__all__ = ["DenoiseEnv", "DenoiseVectorEnv", "NumpyDenoise", "make_numpy_env", "make_prompt_source"]
+__all__ = ["DenoiseEnv", "DenoiseVectorEnv", "NumpyDenoise", "make_numpy_env", "make_prompt_source",
+           "heldout_counterpart"]

@@ -21,18 +21,34 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 PromptSource = Callable[[int, np.random.Generator], list[str]]
 
 
+# Named ShapesWorld prompt sets: (split, probability of a two-object prompt). "composition" holds
+# only two-object prompts (attribute binding), where the base model is weakest.
+SHAPES_PROMPT_SETS = {
+    "shapes-train": ("train", 0.3), "shapes-heldout": ("heldout", 0.3),
+    "composition-train": ("train", 1.0), "composition-heldout": ("heldout", 1.0),
+}
+
+
+def heldout_counterpart(source) -> str | None:
+    """The held-out set of a named training set ("composition-train" -> "composition-heldout")."""
+    if isinstance(source, str) and source.endswith("-train"):
+        name = source[: -len("-train")] + "-heldout"
+        return name if name in SHAPES_PROMPT_SETS else None
+    return None
+
+
 def make_prompt_source(source: str | Sequence[str] | PromptSource) -> PromptSource:
-    """"shapes-train" / "shapes-heldout" (ShapesWorld splits), a list of prompts, or a callable."""
+    """A named ShapesWorld set (SHAPES_PROMPT_SETS), a list of prompts, or a callable."""
     if callable(source):
         return source
     if isinstance(source, str):
         from t2i_rl.world import ShapesWorld
 
-        splits = {"shapes-train": "train", "shapes-heldout": "heldout"}
-        if source not in splits:
-            raise ValueError(f"unknown prompt source {source!r}; allowed: {', '.join(splits)}, "
+        if source not in SHAPES_PROMPT_SETS:
+            raise ValueError(f"unknown prompt source {source!r}; allowed: {', '.join(SHAPES_PROMPT_SETS)}, "
                              "a list of prompts, or a callable (n, rng) -> list[str]")
-        world, split = ShapesWorld(), splits[source]
+        split, two_object_prob = SHAPES_PROMPT_SETS[source]
+        world = ShapesWorld(two_object_prob=two_object_prob)
         return lambda n, rng: world.sample_prompts(n, seed=int(rng.integers(2**31)), split=split)
     prompts = list(source)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -70,6 +86,8 @@ class DenoiseVectorEnv(VectorEnv):
     reward: a reward spec for `make_reward` ("clip", {"name": "textnorm", ...}) or a callable.
     prompts: "shapes-train", "shapes-heldout", a list of prompts or a callable (n, rng) -> list.
     num_steps, guidance_scale, eta: the sampler the policy follows (eta > 0: log-probs need it).
+    resolution: image height = width in pixels; None: the UNet's native size (sample_size x the
+    VAE's factor). Latents and prompt embeddings are float32 whatever the pipeline's dtype.
     gold: spec of the diagnostic judge ("gold" for ShapesWorld; None for none).
     """
 
@@ -84,6 +102,7 @@ class DenoiseVectorEnv(VectorEnv):
         num_steps: int = 20,
         guidance_scale: float = 5.0,
         eta: float = 1.0,
+        resolution: int | None = None,
         gold: Any = "gold",
         device: str | torch.device | None = None,
         render_mode: str | None = None,
@@ -114,8 +133,15 @@ class DenoiseVectorEnv(VectorEnv):
 
         unet, text_encoder = self.pipe.unet, self.pipe.text_encoder
         factor = self.pipe.vae_scale_factor
-        self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        self.image_size = unet.config.sample_size * factor
+        # the UNet halves the latents once per down block but the last, so they must divide evenly
+        multiple = factor * 2 ** (len(unet.config.down_block_types) - 1)
+        self.image_size = unet.config.sample_size * factor if resolution is None else resolution
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1 \
+                or self.image_size % multiple:
+            raise ValueError(f"resolution must be a positive multiple of {multiple} for this pipeline (VAE factor "
+                             f"{factor}, {len(unet.config.down_block_types)} UNet down blocks), got {resolution!r}")
+        side = self.image_size // factor
+        self.latent_shape = (unet.config.in_channels, side, side)
         embed_shape = (self.pipe.tokenizer.model_max_length, text_encoder.config.hidden_size)
         big = np.float32(np.inf)
         self.single_observation_space = spaces.Dict({
@@ -160,7 +186,7 @@ class DenoiseVectorEnv(VectorEnv):
         self._generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
         # 1. draw x_T ~ N(0, I) from the env's own generator (on the CPU: the same on any device)
         noise = torch.randn((self.num_envs, *self.latent_shape), generator=self._generator)
-        self.latents = noise.to(self.device, self.pipe.unet.dtype) * self.pipe.scheduler.init_noise_sigma
+        self.latents = noise.to(self.device) * self.pipe.scheduler.init_noise_sigma
         # 2. encode the prompts once per episode
         self.prompt_embeds = self._encode(self.prompts)
         self.step_index = 0
@@ -210,7 +236,7 @@ class DenoiseVectorEnv(VectorEnv):
         tok = self.pipe.tokenizer
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
                   truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0]
+        return self.pipe.text_encoder(ids)[0].float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -238,7 +264,7 @@ class DenoiseVectorEnv(VectorEnv):
             raise ValueError(f"actions must be floating point latents, got dtype {actions.dtype}")
         if not torch.isfinite(actions).all():
             raise ValueError("actions contain NaN or inf; the latents must be finite")
-        return actions.to(self.device, self.pipe.unet.dtype)
+        return actions.to(self.device, torch.float32)
 
 
 class DenoiseEnv(gym.Env):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -38,9 +39,11 @@ def check_overrides(argv: list[str]) -> None:
 def validate(cfg: DictConfig):
     """Build and validate the agent config and the run settings; raise ValueError on bad values."""
     from agents import agent_class
+    from t2i_rl.models import check_model_config
 
     cls = agent_class(cfg.agent.name)
     agent_cfg = cls.config_class.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))
+    check_model_config(cfg.model)
     for key, ok, rule in [
         ("epochs", cfg.epochs >= 1, ">= 1"),
         ("env.batch_size", cfg.env.batch_size >= 1, ">= 1"),
@@ -63,12 +66,11 @@ class Trainer:
     """Wires env, policy, agent, diagnostics, logging and checkpoints for one run."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        from envs import DenoiseVectorEnv
+        from envs import DenoiseVectorEnv, heldout_counterpart, make_prompt_source
         from t2i_rl.diagnostics import EarlyStopper, HackDetector
         from t2i_rl.logger import RunLogger, truncate_jsonl
         from t2i_rl.models import load_pipeline
         from t2i_rl.rewards import make_reward
-        from t2i_rl.world import ShapesWorld
 
         cls, agent_cfg = validate(cfg)
         self.cfg = cfg
@@ -76,19 +78,21 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        dtype = getattr(torch, cfg.model.dtype)
-        pipe = load_pipeline(cfg.model.pipeline, dtype=dtype, device=cfg.device)
+        model = cfg.model  # validated: the frozen parts in model.dtype, what trains in float32
+        pipe = load_pipeline(model.pipeline, dtype=getattr(torch, model.dtype), device=cfg.device,
+                             attention=model.attention, gradient_checkpointing=model.gradient_checkpointing,
+                             vae_slicing=model.vae_slicing)
         reward = make_reward(cfg.env.reward)
         gold = make_reward(cfg.env.gold) if cfg.env.gold else None
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
-                          guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta)
+                          guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
         eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.num_prompts))
         self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg, self.env, self.policy)
-        self.eval_prompts = ShapesWorld().sample_prompts(cfg.eval.num_prompts, seed=cfg.seed, split="heldout") \
-            if cfg.eval.num_prompts else []
+        eval_source = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
+        self.eval_prompts = make_prompt_source(eval_source)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed))
         self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
         self.stopper = EarlyStopper(cfg.early_stop.patience)
         self.best_gold = -1.0

@@ -126,3 +126,21 @@ def test_prompt_list_source_and_wrong_prompt_count(pipe):
     assert info["prompt"] == [PROMPT, PROMPT]
     with pytest.raises(ValueError, match="list of 2 prompts"):
         env.reset(options={"prompts": [PROMPT]})
+
+
+def test_named_shapes_prompt_sets_and_their_heldout_counterparts():
+    from envs import heldout_counterpart, make_prompt_source
+    from t2i_rl.world import parse_prompt
+    from t2i_rl.world.grammar import is_heldout
+
+    rng = np.random.default_rng(0)
+    pairs = [parse_prompt(p) for p in make_prompt_source("composition-train")(64, rng)]
+    assert all(len(s.groups) == 2 and not is_heldout(s) for s in pairs)
+    held = [parse_prompt(p) for p in make_prompt_source("composition-heldout")(64, rng)]
+    assert all(len(s.groups) == 2 and is_heldout(s) for s in held)
+    mixed = [parse_prompt(p) for p in make_prompt_source("shapes-train")(200, rng)]
+    assert {len(s.groups) for s in mixed} == {1, 2}
+    assert heldout_counterpart("composition-train") == "composition-heldout"
+    assert heldout_counterpart("shapes-heldout") is None and heldout_counterpart(["a prompt"]) is None
+    with pytest.raises(ValueError, match="unknown prompt source 'pairs'.*composition-train"):
+        make_prompt_source("pairs")
