@@ -6,7 +6,9 @@ better than semantically contrastive ones C(y):
 
     r_tn(x, y) = exp(r(x, y) / tau) / sum_{y' in {y} ∪ C(y)} exp(r(x, y') / tau)
 
-computed with a log-softmax. For an ensemble of raw rewards each member is normalized with its
+computed with a log-softmax. An empty C(y) (no contrastive prompt applies) gives confidence 1
+with zero gradient: nothing is compared against, so the prompt carries no signal rather than a
+made-up one. For an ensemble of raw rewards each member is normalized with its
 own tau, and the confidences are combined with the ensemble's mode (the paper's ensemble and
 uncertainty-regularized ensemble).
 """
@@ -126,9 +128,10 @@ class TextNorm(RewardFunction):
     Args:
         reward: a RawReward, or an Ensemble of RawRewards (each member is normalized with its
             own tau, then the confidences are combined with the ensemble's mode).
-        contrastive: prompt -> list of contrastive prompts (default: ShapesWorld().contrastive).
-            The prompt itself and repeats are dropped from what it returns; prompts may have
-            different numbers of contrastive prompts (the padding is masked out).
+        contrastive: prompt -> list of contrastive prompts (default: ShapesWorld().contrastive;
+            free-text generators in `t2i_rl.rewards.contrastive`). The prompt itself and repeats
+            are dropped from what it returns; prompts may have different numbers of contrastive
+            prompts (the padding is masked out), and none at all gives confidence 1.
         tau: temperature > 0: a float for every member, a dict by member name, or None for each
             model's `default_tau` (the temperature it was trained with; 1.0 if it has none).
         k: use k contrastive prompts per prompt, sampled once per prompt with `seed` (None: all).

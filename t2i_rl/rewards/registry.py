@@ -5,6 +5,7 @@
     make_reward({"name": "ensemble", "members": ["clip", "lee"], "mode": "mean_minus_std", "lam": 0.5})
     make_reward({"name": "textnorm", "base": {"name": "ensemble", "members": ["clip", "pairwise"]},
                  "tau": {"clip": 0.02, "pairwise": 1.0}, "k": 8})
+    make_reward({"name": "textnorm", "base": "clip", "contrastive": "rules"})   # free-text prompts
 
 The learned models load from `path`, or from the shipped weights in `REWARD_ASSETS/<name>/`.
 """
@@ -20,6 +21,7 @@ from ._common import positive_float
 from .base import RewardFunction
 from .clip_style import ShapesCLIP
 from .composers import Ensemble, TextNorm
+from .contrastive import make_contrastive
 from .gold import GoldReward
 from .lee import LeeReward
 from .pairwise import PairwiseReward
@@ -29,7 +31,7 @@ LEARNED = {"clip": ShapesCLIP, "lee": LeeReward, "pairwise": PairwiseReward}
 _KEYS = {
     "clip": {"path"}, "lee": {"path"}, "pairwise": {"path"}, "gold": set(),
     "ensemble": {"members", "mode", "lam", "weights"},
-    "textnorm": {"base", "tau", "k", "seed"},
+    "textnorm": {"base", "tau", "k", "seed", "contrastive"},
 }
 
 
@@ -83,5 +85,8 @@ def make_reward(spec, device: str = "cpu") -> RewardFunction:
     tau = spec.get("tau")
     if tau is not None and not isinstance(tau, Mapping):
         positive_float(tau, "tau")  # fail before loading any model
-    return TextNorm(make_reward(spec["base"], device), tau=spec.get("tau"), k=spec.get("k"),
-                    seed=spec.get("seed", 0))
+    # "shapes" (ShapesWorld's grammar), "rules", {"name": "lm", ...} or {"name": "json", ...}:
+    # built before the base model so that a bad spec fails before any model loads
+    contrastive = make_contrastive(spec.get("contrastive", "shapes"), device)
+    return TextNorm(make_reward(spec["base"], device), contrastive=contrastive, tau=spec.get("tau"),
+                    k=spec.get("k"), seed=spec.get("seed", 0))
