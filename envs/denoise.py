@@ -38,15 +38,18 @@ def heldout_counterpart(source) -> str | None:
 
 
 def make_prompt_source(source: str | Sequence[str] | PromptSource) -> PromptSource:
-    """A named ShapesWorld set (SHAPES_PROMPT_SETS), a list of prompts, or a callable."""
+    """A named ShapesWorld set (SHAPES_PROMPT_SETS), `file:PATH` (.txt, one prompt per line, or a
+    .json list), a prompt set shipped in t2i_rl/assets/prompts ("animals", "activities"), a list of
+    prompts, or a callable."""
     if callable(source):
         return source
+    if isinstance(source, str) and source not in SHAPES_PROMPT_SETS:
+        from t2i_rl.prompts import load_prompt_set
+
+        source = load_prompt_set(source, also_allowed=list(SHAPES_PROMPT_SETS))  # a list from here on
     if isinstance(source, str):
         from t2i_rl.world import ShapesWorld
 
-        if source not in SHAPES_PROMPT_SETS:
-            raise ValueError(f"unknown prompt source {source!r}; allowed: {', '.join(SHAPES_PROMPT_SETS)}, "
-                             "a list of prompts, or a callable (n, rng) -> list[str]")
         split, two_object_prob = SHAPES_PROMPT_SETS[source]
         world = ShapesWorld(two_object_prob=two_object_prob)
         return lambda n, rng: world.sample_prompts(n, seed=int(rng.integers(2**31)), split=split)
@@ -84,7 +87,7 @@ class DenoiseVectorEnv(VectorEnv):
     ## Arguments
     pipeline: a loaded `StableDiffusionPipeline` or a name/path for `load_pipeline` ("shapes").
     reward: a reward spec for `make_reward` ("clip", {"name": "textnorm", ...}) or a callable.
-    prompts: "shapes-train", "shapes-heldout", a list of prompts or a callable (n, rng) -> list.
+    prompts: a name or file for `make_prompt_source`, a list of prompts or a callable (n, rng) -> list.
     num_steps, guidance_scale, eta: the sampler the policy follows (eta > 0: log-probs need it).
     resolution: image height = width in pixels; None: the UNet's native size (sample_size x the
     VAE's factor). Latents and prompt embeddings are float32 whatever the pipeline's dtype.
