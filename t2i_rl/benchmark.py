@@ -12,6 +12,12 @@ half two-object), `--images` images each from the base model (`load_pipeline("sh
 DDIM, one seeded generator per image), the judge's all-correct verdict as the binary label and its
 score (fraction of attributes right) as the graded one. Results per split: "counting" (one object
 group whose count is not one), "composition" (two object groups) and "all".
+
+TIA2 on real data: `--tia2 FOLDER` reads a folder laid out like the public release of TextNorm's
+benchmark (human_annotations/, prompts/, images; see `t2i_rl.tia2`) instead of generating images,
+and reports the same metrics per split of the folder. `--contrastive SPEC` sets the contrastive
+prompts of the TextNorm rewards that do not set their own: shapes, rules, tia2 (the folder's
+prompts/, rules for prompts not in them; the default with --tia2) or a JSON spec.
 """
 
 from __future__ import annotations
@@ -320,8 +326,8 @@ def format_table(result: dict) -> str:
         "",
     ]
     metrics = next(iter(next(iter(result["results"].values())).values())).keys()
-    cols = [(split, m) for split in SPLITS for m in metrics]
-    lines.append("| reward | " + " | ".join(f"{_SPLIT_SHORT[s]} {_metric_short(m)}" for s, m in cols) + " |")
+    cols = [(split, m) for split in result["splits"] for m in metrics]
+    lines.append("| reward | " + " | ".join(f"{_SPLIT_SHORT.get(s, s)} {_metric_short(m)}" for s, m in cols) + " |")
     lines.append("|---|" + "---:|" * len(cols))
     for name, by_split in result["results"].items():
         cells = []
@@ -377,6 +383,88 @@ def _parse_reward_names(names: list[str] | None) -> dict[str, str | dict]:
     return out
 
 
+def _contrastive_arg(value: str | None, tia2=None) -> str | dict | None:
+    """The --contrastive spec (None: leave the rewards' own, ShapesWorld's grammar by default)."""
+    if value is None:
+        value = "tia2" if tia2 is not None else None
+    if value is None or value in ("shapes", "rules"):
+        return value
+    if value == "tia2":
+        if tia2 is None:
+            raise UsageError("--contrastive tia2 needs --tia2 FOLDER")
+        try:
+            return tia2.contrastive_spec()
+        except FileNotFoundError as err:
+            raise UsageError(f"{err}; pass --contrastive rules") from err
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--contrastive: {value!r} is not valid JSON: {err}") from err
+    raise UsageError(f"--contrastive: unknown {value!r}; allowed: shapes, rules, tia2, or a JSON spec")
+
+
+def _open_textnorm(spec) -> bool:
+    """A TextNorm spec that leaves its contrastive prompts to the command line."""
+    return isinstance(spec, dict) and spec.get("name") == "textnorm" and "contrastive" not in spec
+
+
+def with_contrastive(specs: dict[str, str | dict], contrastive: str | dict | None) -> dict[str, str | dict]:
+    """The specs with `contrastive` set on every TextNorm spec that does not set its own."""
+    if contrastive is None:
+        return specs
+    return {name: {**spec, "contrastive": contrastive} if _open_textnorm(spec) else spec
+            for name, spec in specs.items()}
+
+
+def _build_rewards(specs: dict[str, str | dict], device: str) -> dict:
+    from .rewards import make_reward
+
+    rewards = {}
+    for name, spec in specs.items():
+        try:
+            rewards[name] = make_reward(spec, device=device)
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+            raise UsageError(f"--rewards: cannot build {name!r}: {err}") from err
+    return rewards
+
+
+def cmd_tia2(args) -> int:
+    """`rewards --tia2 FOLDER`: the reward benchmark on a TIA2 folder's images and human labels."""
+    from .tia2 import BENCHMARK as TIA2, load_tia2, run_tia2_benchmark
+
+    if args.k < 1:
+        raise UsageError(f"--k must be >= 1, got {args.k}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        data = load_tia2(args.tia2)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"--tia2: {err}") from err
+    specs = _parse_reward_names(args.rewards)
+    # the folder's prompt sets are only read (and need to exist) when a TextNorm reward uses them
+    contrastive = _contrastive_arg(args.contrastive, data) if any(map(_open_textnorm, specs.values())) else None
+    specs = with_contrastive(specs, contrastive)
+    rewards = _build_rewards(specs, args.device)
+    _log(f"{TIA2}: {len(data.prompts)} prompts in {', '.join(data.splits)} from {data.root}")
+    t0 = time.perf_counter()
+    try:
+        result = run_tia2_benchmark(data, rewards, k=args.k, batch_size=args.batch_size, device=args.device,
+                                    progress=_log)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    _log(f"scored {len(rewards)} rewards in {time.perf_counter() - t0:.1f} s")
+    print(format_table(result))
+    if args.json is not None:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {"benchmark": TIA2, "folder": str(data.root), "splits": data.splits, "k": args.k,
+                    "contrastive": contrastive, "rewards": specs}
+        path.write_text(json.dumps(_json_ready({"settings": settings, **result}), indent=1) + "\n")
+        _log(f"wrote {path}")
+    return 0
+
+
 def _check_args(args) -> None:
     available = len(ShapesWorld().prompts("heldout"))
     if not 1 <= args.prompts <= available:
@@ -402,8 +490,10 @@ def _log(message: str) -> None:
 
 
 def cmd_rewards(args) -> int:
+    if args.tia2 is not None:
+        return cmd_tia2(args)
     _check_args(args)
-    specs = _parse_reward_names(args.rewards)
+    specs = with_contrastive(_parse_reward_names(args.rewards), _contrastive_arg(args.contrastive))
     prompts = benchmark_prompts(args.prompts)
     settings = {
         "benchmark": BENCHMARK, "prompt_seed": PROMPT_SEED, "two_object_prob": TWO_OBJECT_PROB,
@@ -417,17 +507,7 @@ def cmd_rewards(args) -> int:
         except CacheMismatch as err:
             raise UsageError(str(err)) from err
 
-    try:
-        from .rewards import make_reward
-    except ImportError as err:
-        _log(f"error: the reward registry is not available (t2i_rl.rewards.make_reward): {err}")
-        return 1
-    rewards = {}
-    for name, spec in specs.items():
-        try:
-            rewards[name] = make_reward(spec, device=args.device)
-        except (ValueError, KeyError, TypeError) as err:
-            raise UsageError(f"--rewards: cannot build {name!r}: {err}") from err
+    rewards = _build_rewards(specs, args.device)
 
     if images is None:
         from .models import load_pipeline
@@ -484,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="shapes", help="pipeline: 'shapes' (shipped) or a folder")
     r.add_argument("--batch-size", type=int, default=32, help="images per generation/scoring batch")
     r.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    r.add_argument("--tia2", default=None, metavar="FOLDER",
+                   help="score a TIA2 folder (human_annotations/, prompts/, images) instead of generating "
+                        "TIA2-shapes; --prompts, --images, --steps, --guidance, --seed, --model, --cache do not apply")
+    r.add_argument("--contrastive", default=None, metavar="SPEC",
+                   help="contrastive prompts of TextNorm rewards that set none: shapes, rules, tia2 (the "
+                        "folder's prompts/, rules for the rest) or a JSON spec (default: tia2 with --tia2, else "
+                        "each reward's own, ShapesWorld's grammar)")
     r.set_defaults(func=cmd_rewards)
     return parser
 
