@@ -6,8 +6,12 @@
     make_reward({"name": "textnorm", "base": {"name": "ensemble", "members": ["clip", "pairwise"]},
                  "tau": {"clip": 0.02, "pairwise": 1.0}, "k": 8})
     make_reward({"name": "textnorm", "base": "clip", "contrastive": "rules"})   # free-text prompts
+    make_reward({"name": "pickscore", "path": "/models/PickScore_v1", "processor": "/models/CLIP-H",
+                 "dtype": "float16"})
 
-The learned models load from `path`, or from the shipped weights in `REWARD_ASSETS/<name>/`.
+The learned models load from `path`, or from the shipped weights in `REWARD_ASSETS/<name>/`; the
+published ones (`PRETRAINED`: clipscore, pickscore, imagereward, hpsv2, blip2, aesthetic) from `path`
+(a local folder or a hub id; default their canonical hub id) in `dtype`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .contrastive import make_contrastive
 from .gold import GoldReward
 from .lee import LeeReward
 from .pairwise import PairwiseReward
+from .pretrained import PRETRAINED
 
 REWARD_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "rewards"
 LEARNED = {"clip": ShapesCLIP, "lee": LeeReward, "pairwise": PairwiseReward}
@@ -32,6 +37,9 @@ _KEYS = {
     "clip": {"path"}, "lee": {"path"}, "pairwise": {"path"}, "gold": set(),
     "ensemble": {"members", "mode", "lam", "weights"},
     "textnorm": {"base", "tau", "k", "seed", "contrastive"},
+    "clipscore": {"path", "processor", "dtype"}, "pickscore": {"path", "processor", "dtype"},
+    "hpsv2": {"path", "processor", "dtype"}, "imagereward": {"path", "tokenizer", "dtype"},
+    "blip2": {"path", "mode", "dtype"}, "aesthetic": {"path", "head", "dtype"},
 }
 
 
@@ -72,6 +80,8 @@ def make_reward(spec, device: str = "cpu") -> RewardFunction:
     if name in LEARNED:
         path = spec.get("path")
         return LEARNED[name].from_pretrained(Path(path) if path else _shipped(name), device=device)
+    if name in PRETRAINED:
+        return PRETRAINED[name].from_pretrained(device=device, **{k: v for k, v in spec.items() if k != "name"})
     if name == "gold":
         return GoldReward()
     if name == "ensemble":

@@ -18,7 +18,8 @@ def assets(tmp_path, monkeypatch, clip, lee, pairwise):
 
 
 def test_names():
-    assert reward_names() == ["clip", "lee", "pairwise", "gold", "ensemble", "textnorm"]
+    assert reward_names() == ["clip", "lee", "pairwise", "gold", "ensemble", "textnorm",
+                              "clipscore", "pickscore", "hpsv2", "imagereward", "blip2", "aesthetic"]
 
 
 def test_every_name_builds(assets, batch, clip, lee, pairwise):
