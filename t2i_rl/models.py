@@ -8,11 +8,15 @@ the code that loads it is the code that loads SD 1.5 from a local folder or a hu
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .world import ShapesWorld
@@ -21,6 +25,12 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_PIPELINES = {"shapes": ASSETS / "shapes-sd"}
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # as in CLIP and every SD checkpoint
+# model.dtype: the precision of the frozen UNet, VAE and text encoder (trainable weights stay float32)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# model.attention: "sdpa" is torch's scaled_dot_product_attention (fused kernels); "eager" is the
+# plain matmul-softmax-matmul, for backends where SDPA misbehaves
+ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
+MODEL_KEYS = ("pipeline", "dtype", "attention", "gradient_checkpointing", "vae_slicing", "resolution")
 
 
 def _byte_alphabet() -> list[str]:
@@ -180,17 +190,60 @@ def build_pipeline(
     )
 
 
+def check_model_config(model: Mapping[str, Any]) -> None:
+    """The `model` config group (configs/model/*.yaml): one ValueError line naming a bad value."""
+    missing = [k for k in MODEL_KEYS if k not in model]
+    if missing:
+        raise ValueError(f"the model config lacks {', '.join(missing)}; every model config needs "
+                         f"{', '.join(MODEL_KEYS)} (see configs/model/shapes.yaml)")
+    resolution = model["resolution"]
+    for key, ok, rule in [
+        ("pipeline", isinstance(model["pipeline"], str) and bool(model["pipeline"]),
+         "a shipped name, a local folder or a hub id"),
+        ("dtype", model["dtype"] in MODEL_DTYPES, f"one of {', '.join(MODEL_DTYPES)}"),
+        ("attention", model["attention"] in ATTENTION_PROCESSORS, f"one of {', '.join(ATTENTION_PROCESSORS)}"),
+        ("gradient_checkpointing", isinstance(model["gradient_checkpointing"], bool), "true or false"),
+        ("vae_slicing", isinstance(model["vae_slicing"], bool), "true or false"),
+        ("resolution", resolution is None or (type(resolution) is int and resolution > 0),
+         "a positive int (image height = width in pixels) or null for the checkpoint's native size"),
+    ]:
+        if not ok:
+            raise ValueError(f"model.{key} = {model[key]!r} is invalid: must be {rule}")
+
+
+def _refuse_unsupported(folder: Path) -> None:
+    """SDXL folders fail here in one line, not deep inside diffusers or at the first UNet call."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    if "text_encoder_2" in index or str(index.get("_class_name", "")).startswith("StableDiffusionXL"):
+        raise ValueError(
+            f"{folder} holds an SDXL pipeline ({index.get('_class_name')}); t2i-rl runs StableDiffusionPipeline "
+            "checkpoints (SD 1.x, 2.x): SDXL's UNet also needs pooled embeddings of a second text encoder "
+            "and size/crop time ids, which the env's observation and the policy do not carry"
+        )
+
+
 def load_pipeline(
     name_or_path: str = "shapes",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    attention: str | None = None,
+    gradient_checkpointing: bool = False,
+    vae_slicing: bool = False,
     **kwargs,
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline: "shapes" (shipped), a local folder, or a hub id.
 
+    Every weight is loaded in `dtype`; the policy keeps what it trains in float32 (LoRA weights,
+    or the whole UNet). `attention` ("sdpa", "eager"; None keeps diffusers' choice) sets the
+    attention processors of the UNet and the VAE, `gradient_checkpointing` recomputes the UNet's
+    activations in the backward pass, `vae_slicing` decodes and encodes one image at a time.
     The scheduler is always DDIM (the policy's log-probs are DDIM's), built from the checkpoint's
-    own scheduler config so that its noise schedule is kept.
+    own scheduler config so that its noise schedule and prediction type are kept.
     """
+    if attention is not None and attention not in ATTENTION_PROCESSORS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_PROCESSORS)} or None, got {attention!r}")
     path = SHIPPED_PIPELINES.get(name_or_path, name_or_path)
     if name_or_path in SHIPPED_PIPELINES and not Path(path).is_dir():
         raise FileNotFoundError(
@@ -203,10 +256,22 @@ def load_pipeline(
             f"no pipeline folder at {path}; give a folder saved with save_pretrained, "
             f"a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {sorted(SHIPPED_PIPELINES)}"
         )
+    if local.is_dir():
+        _refuse_unsupported(local)
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
     )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # DDIM's own default clip_sample=True is for pixel-space models; SD's latents are never clipped
+    # (StableDiffusionPipeline turns it off too), so a scheduler config that does not say keeps it off.
+    config = pipe.scheduler.config
+    pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=config.get("clip_sample", False))
+    if attention is not None:
+        pipe.unet.set_attn_processor(ATTENTION_PROCESSORS[attention]())
+        pipe.vae.set_attn_processor(ATTENTION_PROCESSORS[attention]())
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    if vae_slicing:
+        pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
