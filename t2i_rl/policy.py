@@ -41,6 +41,10 @@ class DiffusionPolicy:
     in place) and only its weights train; the reference model is the same UNet with adapters off,
     so it costs no memory. With `lora_rank=None` the whole UNet trains and the reference is a frozen
     deep copy of it, taken before any update. The VAE and text encoder are always frozen.
+
+    Precision: the frozen weights stay in the pipeline's dtype (bf16/fp16 mixed precision); what
+    trains is float32 (the LoRA weights; under full fine-tuning the UNet, upcast with its reference
+    copy). Means, log-probs and KLs are computed in float32 from the UNet's output.
     """
 
     def __init__(
@@ -102,7 +106,9 @@ class DiffusionPolicy:
         pipe.text_encoder.requires_grad_(False)
         self.reference_unet = None
         if lora_rank is None:
-            self.unet.requires_grad_(True)
+            # float32 weights (AdamW on bf16/fp16 weights loses small updates); the reference is a
+            # float32 copy too, so that KL to it is exactly 0 before the first update
+            self.unet.to(torch.float32).requires_grad_(True)
             self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         else:
             from peft import LoraConfig
@@ -121,6 +127,10 @@ class DiffusionPolicy:
                     target_modules=list(lora_target_modules),
                 )
             )
+            # PEFT makes the adapter in the base layers' dtype; it trains in float32 (as do its AdamW
+            # state and gradients) and PEFT casts its input up and its output back around it
+            for p in self.trainable_parameters():
+                p.data = p.data.float()
         if not self.trainable_parameters():
             raise ValueError(f"no trainable parameters: lora_target_modules={tuple(lora_target_modules)} matched nothing")
 
