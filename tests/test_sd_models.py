@@ -1,0 +1,271 @@
+"""Stable Diffusion 1.5 and 2.1 through `model=sd15` / `model=sd21`, on their architectures scaled down.
+
+No weights can be downloaded here, so each pipeline is built from the checkpoint's own component
+configs (the values of its config.json files) with tiny widths, saved with `save_pretrained`, and
+loaded back by the Trainer through `load_pipeline` with `model.pipeline=<folder>`: the code path of
+the real checkpoints, in bfloat16, with SDPA attention, gradient checkpointing and VAE slicing.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from hydra import compose, initialize_config_dir
+from transformers import CLIPTextModel
+
+from t2i_rl.models import build_tokenizer, load_pipeline, text_encoder_config
+from t2i_rl.policy import DiffusionPolicy
+from t2i_rl.train import CONFIG_DIR, Trainer, precheck, validate
+
+# stable-diffusion-v1-5: unet/config.json, vae/config.json, text_encoder/config.json, scheduler_config.json
+SD15_UNET = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
+    cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SD_VAE = dict(
+    act_fn="silu", block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
+    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+)
+SD15_TEXT = dict(hidden_act="quick_gelu")
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None, "clip_sample": False,
+}
+# stabilityai/stable-diffusion-2-1 (768, v-prediction): what differs from SD 1.5
+SD21_UNET = {**SD15_UNET, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
+             "use_linear_projection": True, "upcast_attention": True, "sample_size": 96}
+SD21_TEXT = dict(hidden_act="gelu")
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+}
+# the scaled-down sizes: widths / 20 (/ 16 for SD 2.1, whose 5, 10, 20 heads must divide them); 64x64 images
+TINY = {
+    "sd15": dict(unet={**SD15_UNET, "block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8},
+                 text=SD15_TEXT, text_hidden=32, scheduler=(PNDMScheduler, SD15_SCHEDULER)),
+    "sd21": dict(unet={**SD21_UNET, "block_out_channels": (20, 40, 80, 80), "norm_num_groups": 10},
+                 text=SD21_TEXT, text_hidden=40, scheduler=(DDIMScheduler, SD21_SCHEDULER)),
+}
+TINY_VAE = {**SD_VAE, "block_out_channels": (8, 16, 32, 32), "norm_num_groups": 8}
+RESOLUTION = 64  # 8x8 latents: SD's three UNet downsamplings take them to 1x1
+PROMPTS = ["two red circles on a white background", "one blue square on a black background"]
+
+
+@pytest.fixture(scope="module")
+def sd_folders(tmp_path_factory):
+    """{"sd15": folder, "sd21": folder}: tiny SD pipelines saved with save_pretrained."""
+    tokenizer = build_tokenizer()
+    root = tmp_path_factory.mktemp("sd")
+    folders = {}
+    for name, tiny in TINY.items():
+        torch.manual_seed(0)
+        text_config = text_encoder_config(tokenizer, tiny["text_hidden"], layers=2)
+        text_config.update(tiny["text"])
+        scheduler_class, scheduler_config = tiny["scheduler"]
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**TINY_VAE),
+            text_encoder=CLIPTextModel(text_config),
+            tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**{**tiny["unet"], "cross_attention_dim": tiny["text_hidden"],
+                                         "sample_size": RESOLUTION // 8}),
+            scheduler=scheduler_class.from_config(scheduler_config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(root / name, safe_serialization=True)
+        folders[name] = root / name
+    return folders
+
+
+@pytest.fixture(scope="module")
+def clip_reward(tmp_path_factory):
+    """The env reward: the (untrained, differentiable) CLIP-style proxy model, loaded from its folder."""
+    from t2i_rl.rewards import ShapesCLIP
+
+    folder = tmp_path_factory.mktemp("clip")
+    ShapesCLIP.build(seed=0).save_pretrained(folder)
+    return {"name": "clip", "path": str(folder)}
+
+
+def sd_cfg(model, folder, run_dir, reward, agent="ddpo", overrides=()):
+    """The real configs (`model=sd15` ...), with the tiny folder, 64x64 images and a tiny epoch."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"model={model}", f"model.pipeline={folder}", f"model.resolution={RESOLUTION}", f"agent={agent}",
+            "env=raw", "env.batch_size=2", "env.num_steps=3", "agent.samples_per_epoch=2",
+            "agent.train_batch_size=2", "agent.lora_rank=4", "epochs=1", f"output_dir={run_dir}",
+            "eval.num_prompts=0", "samples.every=0",
+            "diagnostics.kl_samples=2", *overrides])
+    cfg.env.reward = reward
+    return cfg
+
+
+def frozen_weights(pipe) -> dict[str, torch.Tensor]:
+    out = {f"vae.{k}": v.detach().clone() for k, v in pipe.vae.state_dict().items()}
+    out.update({f"text.{k}": v.detach().clone() for k, v in pipe.text_encoder.state_dict().items()})
+    out.update({f"unet.{k}": v.detach().clone() for k, v in pipe.unet.named_parameters() if "lora" not in k})
+    return out
+
+
+# ---------------------------------------------------------------------- configs
+@pytest.mark.parametrize("model, pipeline, resolution", [
+    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512),
+    ("sd21", "stabilityai/stable-diffusion-2-1", 768),
+])
+def test_sd_configs_compose_validate_and_set_sd_sampling(model, pipeline, resolution):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}", "agent=refl", "env=textnorm"])
+        shapes = compose(config_name="config", overrides=["env=textnorm"])
+        override = compose(config_name="config", overrides=[f"model={model}", "env.num_steps=7"])
+    validate(cfg)
+    assert (cfg.model.name, cfg.model.pipeline, cfg.model.dtype) == (model, pipeline, "bfloat16")
+    assert (cfg.model.attention, cfg.model.gradient_checkpointing, cfg.model.vae_slicing) == ("sdpa", True, True)
+    assert cfg.model.resolution == resolution and cfg.agent.lora_rank == 8  # LoRA from the agent config
+    assert (cfg.env.num_steps, cfg.env.guidance_scale, cfg.env.name) == (50, 5.0, "textnorm")
+    assert cfg.env.reward == shapes.env.reward  # the env group keeps its own reward
+    assert (shapes.env.num_steps, shapes.model.dtype, shapes.model.resolution) == (20, "float32", None)
+    assert override.env.num_steps == 7  # the command line wins over the model file
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.dtype=float64", "model.dtype = 'float64' is invalid: must be one of float32, bfloat16, float16"),
+    ("model.attention=flash", "model.attention = 'flash' is invalid: must be one of sdpa, eager"),
+    ("model.resolution=-64", "model.resolution = -64 is invalid: must be a positive int"),
+    ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing = 'maybe' is invalid: must be true or false"),
+    ("model=sdxl", "unknown model 'sdxl'; allowed: sd15, sd21, shapes"),
+])
+def test_bad_model_values_give_one_line_errors(override, message):
+    with pytest.raises(ValueError) as err:
+        precheck(["model=sd15", override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------- loading
+def test_sd15_folder_loads_in_bf16_with_sdpa_checkpointing_slicing_and_sd_ddim(sd_folders):
+    saved = StableDiffusionPipeline.from_pretrained(sd_folders["sd15"], safety_checker=None)
+    pipe = load_pipeline(str(sd_folders["sd15"]), dtype=torch.bfloat16, attention="sdpa",
+                         gradient_checkpointing=True, vae_slicing=True)
+    for part in ("unet", "vae", "text_encoder"):
+        got, want = getattr(pipe, part).state_dict(), getattr(saved, part).state_dict()
+        assert all(v.dtype == torch.bfloat16 for v in got.values())
+        assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
+    for part in (pipe.unet, pipe.vae):
+        assert part.attn_processors and all(isinstance(p, AttnProcessor2_0) for p in part.attn_processors.values())
+    assert pipe.unet.is_gradient_checkpointing and not pipe.vae.is_gradient_checkpointing
+    assert pipe.vae.use_slicing
+    # SD 1.5 ships a PNDM scheduler: the policy gets DDIM with the same schedule
+    sched = pipe.scheduler
+    assert isinstance(saved.scheduler, PNDMScheduler) and isinstance(sched, DDIMScheduler)
+    assert (sched.config.beta_start, sched.config.beta_end, sched.config.beta_schedule) == (0.00085, 0.012,
+                                                                                            "scaled_linear")
+    assert (sched.config.steps_offset, sched.config.set_alpha_to_one, sched.config.clip_sample) == (1, False, False)
+    assert torch.equal(sched.alphas_cumprod, saved.scheduler.alphas_cumprod)
+    assert float(sched.alphas_cumprod[999]) == pytest.approx(0.0047, abs=1e-4)  # SD's terminal alpha-bar
+
+
+def test_scheduler_without_clip_sample_keeps_latents_unclipped(sd_folders, tmp_path):
+    """DDIM's own default would clip SD's latents to [-1, 1]; a config that does not say keeps it off."""
+    folder = tmp_path / "sd15"
+    shutil.copytree(sd_folders["sd15"], folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    assert config.pop("clip_sample") is False
+    config_file.write_text(json.dumps(config))
+    assert load_pipeline(str(folder)).scheduler.config.clip_sample is False
+
+
+def test_sdxl_folder_is_refused_in_one_line(tmp_path):
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    with pytest.raises(ValueError, match="holds an SDXL pipeline .* pooled embeddings of a second text encoder"):
+        load_pipeline(str(tmp_path / "sdxl"))
+
+
+# ---------------------------------------------------------------------- precision
+def test_bf16_full_finetuning_trains_a_float32_unet_against_a_float32_reference(sd_folders):
+    pipe = load_pipeline(str(sd_folders["sd15"]), dtype=torch.bfloat16)
+    policy = DiffusionPolicy(pipe, num_steps=3, guidance_scale=5.0, lora_rank=None)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in policy.unet.parameters())
+    assert all(p.dtype == torch.float32 for p in policy.reference_unet.parameters())
+    assert pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kl = policy.kl_to_reference(latents, 1, policy.encode_prompts(PROMPTS))
+    assert kl.dtype == torch.float32 and torch.equal(kl, torch.zeros(2))
+
+
+def test_v_prediction_step_matches_diffusers_ddim_and_the_formula(sd_folders):
+    """SD 2.1's v-prediction, at SD's 50 steps: mean, predicted x0 and the sampled step equal
+    DDIMScheduler.step on the same inputs, and x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v."""
+    pipe = load_pipeline(str(sd_folders["sd21"]), dtype=torch.bfloat16, attention="sdpa")
+    policy = DiffusionPolicy(pipe, num_steps=50, guidance_scale=5.0, eta=1.0, lora_rank=4)
+    assert policy.prediction_type == "v_prediction"
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(50)
+    assert torch.equal(sched.timesteps, policy.timesteps) and policy.timesteps[0] == 981
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    v = torch.randn(2, 4, 8, 8, generator=g)
+    embeds = policy.encode_prompts(PROMPTS)
+    for i in (0, 25, 49):
+        t = int(policy.timesteps[i])
+        mean, std, pred_x0 = policy.ddim_moments(latents, v, i)
+        want = sched.step(v, t, latents, eta=1.0, variance_noise=torch.zeros_like(latents))
+        torch.testing.assert_close(mean, want.prev_sample, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pred_x0, want.pred_original_sample, rtol=1e-5, atol=1e-6)
+        a = sched.alphas_cumprod[t]
+        torch.testing.assert_close(pred_x0, a.sqrt() * latents - (1 - a).sqrt() * v, rtol=1e-5, atol=1e-6)
+        sampled, logp = policy.sample_step(latents, i, embeds, generator=torch.Generator().manual_seed(3))
+        out = policy.noise_pred(latents, i, embeds)
+        want = sched.step(out, t, latents, eta=1.0, generator=torch.Generator().manual_seed(3)).prev_sample
+        torch.testing.assert_close(sampled, want, rtol=1e-5, atol=1e-6)
+        assert sampled.dtype == logp.dtype == out.dtype == torch.float32 and std > 0
+
+
+# ---------------------------------------------------------------------- training through the Trainer
+@pytest.mark.parametrize("model", ["sd15", "sd21"])
+@pytest.mark.parametrize("agent", ["ddpo", "refl"])
+def test_trainer_trains_lora_in_float32_on_a_bf16_sd_pipeline(sd_folders, clip_reward, tmp_path, model, agent):
+    trainer = Trainer(sd_cfg(model, sd_folders[model], tmp_path / "run", clip_reward, agent))
+    pipe = trainer.policy.pipe
+    assert pipe.unet.is_gradient_checkpointing and pipe.vae.use_slicing
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert trainer.env.latent_shape == (4, 8, 8) and trainer.env.image_size == RESOLUTION
+    assert trainer.policy.prediction_type == ("v_prediction" if model == "sd21" else "epsilon")
+    lora = dict((n, p) for n, p in pipe.unet.named_parameters() if p.requires_grad)
+    assert lora and all("lora" in n and p.dtype == torch.float32 for n, p in lora.items())
+    assert [id(p) for p in trainer.agent.params] == [id(p) for p in lora.values()]
+    frozen = frozen_weights(pipe)
+    assert {v.dtype for v in frozen.values()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in lora.items()}
+
+    metrics = trainer.fit()
+
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if not k.startswith("overopt/")), metrics
+    assert metrics["policy/grad_norm"] > 0  # the loss reached the LoRA weights (not only weight decay)
+    # every LoRA B moved, but maybe the mid block's self-attention q and k: at 64x64 it sees one 1x1
+    # token, whose softmax is constant, so their gradient is 0 up to rounding (real SD's sees 8x8)
+    unchanged = {n for n, p in lora.items() if "lora_B" in n and torch.equal(p, before[n])}
+    assert unchanged <= {f"mid_block.attentions.0.transformer_blocks.0.attn1.to_{x}.lora_B.default.weight"
+                         for x in "qk"}, unchanged
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
+    after = frozen_weights(pipe)
+    assert after.keys() == frozen.keys() and all(torch.equal(v, after[k]) for k, v in frozen.items())
+    state = trainer.agent.optimizer.state
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    # what the env hands out and the agent stores: float32 latents, embeddings, log-probs; images in [0, 1]
+    rollout = trainer.agent.collect()
+    for x in (rollout.latents, rollout.embeds, rollout.log_probs, rollout.images, rollout.rewards):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert rollout.latents.shape == (2, 4, 4, 8, 8) and rollout.images.shape == (2, 3, RESOLUTION, RESOLUTION)
+    assert 0 <= rollout.images.min() and rollout.images.max() <= 1
