@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
+
+from t2i_rl import distributed
 
 
 @dataclass
@@ -28,6 +30,9 @@ class AgentConfig:
                                                            "added to the loss (any agent)"})
     lora_rank: int | None = field(default=8, metadata={"help": "LoRA rank; null: full fine-tuning"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
+
+    # sample counts that hold for the whole run: with N processes each process takes 1/N of them
+    per_process_fields: ClassVar[tuple[str, ...]] = ("samples_per_epoch", "train_batch_size")
 
     def __post_init__(self) -> None:
         checks = {
@@ -55,6 +60,21 @@ class AgentConfig:
         if unknown:
             raise ValueError(f"unknown agent option(s) {unknown} for {cls.__name__}; allowed: {sorted(known)}")
         return cls(**values)
+
+    def per_process(self, num_processes: int) -> "AgentConfig":
+        """One process's config when `num_processes` train together: each samples its equal share
+        of `per_process_fields`, so the epoch and each optimizer step see as many samples as in one
+        process (the gradients are averaged over the processes)."""
+        if num_processes == 1:
+            return self
+        for key in self.per_process_fields:
+            if getattr(self, key) % num_processes:
+                raise ValueError(f"agent.{key} = {getattr(self, key)} is invalid with {num_processes} processes: "
+                                 f"must be a multiple of {num_processes} (each process takes an equal share)")
+        try:
+            return replace(self, **{k: getattr(self, k) // num_processes for k in self.per_process_fields})
+        except ValueError as err:
+            raise ValueError(f"{err} (in each process's share, with {num_processes} processes)") from None
 
 
 _RULES = {
@@ -98,6 +118,8 @@ class Agent(ABC):
     """Collects with the env and the policy; subclasses implement `update`."""
 
     config_class: ClassVar[type[AgentConfig]] = AgentConfig
+    # why the agent cannot train data-parallel over several processes (None: it can)
+    single_process_reason: ClassVar[str | None] = None
 
     def __init__(self, cfg: AgentConfig, env, policy) -> None:
         if cfg.samples_per_epoch % env.num_envs:
@@ -148,11 +170,13 @@ class Agent(ABC):
         """Improve the policy on a rollout; return the losses and statistics to log."""
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> float:
-        """Backward `loss` (or use gradients already accumulated), clip, step, zero the gradients.
+        """Backward `loss` (or use gradients already accumulated), average them over the processes
+        of a multi-process run, clip, step, zero the gradients.
 
         Returns the gradient norm before clipping."""
         if loss is not None:
             loss.backward()
+        distributed.average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

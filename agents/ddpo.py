@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from t2i_rl import distributed
+
 from .base import Agent, AgentConfig, Rollout, minibatches, per_prompt_normalize
 
 
@@ -113,13 +115,16 @@ class DDPOAgent(Agent):
         return super().collect(prompts)
 
     def advantages(self, rollout: Rollout) -> torch.Tensor:
+        """The rollout's advantages, from the statistics of every process's samples (in a
+        multi-process run each process holds a share of the batch and keeps its own rows)."""
+        prompts, rewards = distributed.gather_list(rollout.prompts), distributed.gather(rollout.rewards)
         if self.cfg.group_size:
-            adv = per_prompt_normalize(rollout.prompts, rollout.rewards)
+            adv = per_prompt_normalize(prompts, rewards)
         elif self.cfg.per_prompt_stat_tracking:
-            adv = self.tracker.update(rollout.prompts, rollout.rewards)
+            adv = self.tracker.update(prompts, rewards)
         else:
-            adv = (rollout.rewards - rollout.rewards.mean()) / (rollout.rewards.std(unbiased=False) + 1e-6)
-        return adv.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
+            adv = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+        return distributed.local_rows(adv).clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
 
     def step_loss(self, x: torch.Tensor, x_next: torch.Tensor, i: int | torch.Tensor, embeds: torch.Tensor,
                   old_log_prob: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

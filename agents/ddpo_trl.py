@@ -20,6 +20,10 @@ encoder), so TRL's optimizer updates exactly `policy.trainable_parameters()`, an
 KL to the base model, the evaluation and checkpoints all see TRL's updates. TRL's metrics arrive
 through an in-memory accelerate tracker (its `accelerator.log` calls) and its `image_samples_hook`.
 
+Several processes (`accelerate launch`): TRL's accelerator joins the launch's process group, TRL
+gathers every process's rewards and prompts for its advantages and keeps its own rows, and the
+gradients are averaged over the processes where TRL clips them (`_average_gradients_before_clipping`).
+
 TRL draws its sampling noise and its shuffles from torch's global RNG; they are drawn here from
 the agent's own generator (the global RNG is swapped in and restored), so runs are reproducible
 and checkpoints resume exactly; on the CPU, with the same seeds, TRL samples the very x_T and
@@ -39,6 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from t2i_rl import distributed
 
 from .base import Agent, Rollout
 from .ddpo import DDPOConfig
@@ -182,6 +188,22 @@ def _replaying_trainer_class():
     return ReplayingDDPOTrainer
 
 
+def _average_gradients_before_clipping(accelerator) -> None:
+    """Average the gradients over the processes where TRL clips them, once per optimizer step.
+
+    TRL hands accelerate a list of parameters, which `accelerator.prepare` leaves as it is (no DDP
+    wrapper; TRL also calls the bare UNet), so nothing else would synchronize them; averaging
+    before the clip is what DDP and the native agents do."""
+    clip = accelerator.clip_grad_norm_
+
+    def average_then_clip(parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        distributed.average_gradients(parameters)
+        return clip(parameters, max_norm, norm_type)
+
+    accelerator.clip_grad_norm_ = average_then_clip
+
+
 @contextlib.contextmanager
 def rng_from(generator: torch.Generator) -> Iterator[None]:
     """Run code that draws from torch's global RNG (TRL's noise, shuffles) on `generator`'s stream:
@@ -248,7 +270,7 @@ class TRLDDPOAgent(Agent):
                              "trains on no step in TRL (it truncates); raise timestep_fraction")
 
         on_cpu = pipe.device.type == "cpu"
-        PartialState(cpu=on_cpu)  # before the trainer: accelerate's logger needs a state
+        state = PartialState(cpu=on_cpu)  # before the trainer: accelerate's logger needs a state
         self.tracker = _memory_tracker()
         self.trl_config = TRLConfig(
             exp_name="t2i_rl-ddpo_trl", seed=cfg.seed, log_with=self.tracker,
@@ -277,9 +299,13 @@ class TRLDDPOAgent(Agent):
             warnings.filterwarnings("ignore", message="DDPOTrainer is deprecated", category=DeprecationWarning)
             self.trainer = _replaying_trainer_class()(
                 self.trl_config, reward_function=self._reward_function, prompt_function=self._prompt_function,
-                sd_pipeline=self.trl_pipeline, image_samples_hook=self._image_samples_hook,
+                sd_pipeline=self.trl_pipeline,
+                # accelerate gives trackers to the main process only, and TRL hands the hook trackers[0]
+                image_samples_hook=self._image_samples_hook if state.is_main_process else None,
             )
         self.optimizer = self.trainer.optimizer  # TRL's AdamW (accelerate-wrapped) over self.params
+        if state.num_processes > 1:
+            _average_gradients_before_clipping(self.trainer.accelerator)
         self.epoch = 0
         self.global_step = 0
 
@@ -373,6 +399,7 @@ class TRLDDPOAgent(Agent):
         trainer.accelerator.step = 0
         self.tracker.pop()
         trainer.replay = self.trl_samples(rollout)
+        first_step = self.global_step
         try:
             with rng_from(self.generator):
                 self.global_step = trainer.step(self.epoch, self.global_step)
@@ -389,7 +416,8 @@ class TRLDDPOAgent(Agent):
         if steps:
             out["trl/reward_mean"] = float(steps[-1]["reward_mean"])
             out["trl/reward_std"] = float(steps[-1]["reward_std"])
-        out["trl/optimizer_steps"] = float(sum(1 for r in records if "loss" in r))
+        # TRL counts one global step per optimizer step (its logs reach the main process only)
+        out["trl/optimizer_steps"] = float(self.global_step - first_step)
         return out
 
     # -- 3. state ------------------------------------------------------------------------------------

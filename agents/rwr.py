@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from t2i_rl import distributed
+
 from .base import Agent, AgentConfig, Rollout, minibatches
 
 WEIGHTINGS = ("reward", "softmax")
@@ -57,6 +59,8 @@ class RWRConfig(AgentConfig):
         "help": "pre-training data: 'shapes' (rendered ShapesWorld train prompts) or a folder of images "
                 "with captions.json {filename: caption}"})
     inner_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
+
+    per_process_fields = (*AgentConfig.per_process_fields, "pretrain_batch_size")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -196,8 +200,9 @@ class RWRAgent(Agent):
 
     # -- update ---------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:
-        weights = reward_weights(rollout.rewards, self.cfg.weighting, self.cfg.temperature)
-        weights = weights.to(rollout.latents.device)
+        # over every process's samples (a softmax spans the batch); this process keeps its rows
+        all_weights = reward_weights(distributed.gather(rollout.rewards), self.cfg.weighting, self.cfg.temperature)
+        weights = distributed.local_rows(all_weights).to(rollout.latents.device)
         stats: dict[str, list[float]] = {"loss/reward_weighted": [], "loss/pretrain": [], "loss/kl_penalty": [],
                                          "policy/grad_norm": []}
         for _ in range(self.cfg.inner_epochs):
@@ -218,6 +223,6 @@ class RWRAgent(Agent):
                     loss = loss + penalty
                 stats["policy/grad_norm"].append(self.optimizer_step(loss))
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        out["rwr/weight_mean"] = weights.mean().item()
-        out["rwr/weight_max"] = weights.max().item()
+        out["rwr/weight_mean"] = all_weights.mean().item()
+        out["rwr/weight_max"] = all_weights.max().item()
         return out

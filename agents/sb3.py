@@ -340,6 +340,7 @@ class SB3PPOAgent(Agent):
 
     config_class = SB3Config
     cfg: SB3Config
+    single_process_reason = "Stable-Baselines3's PPO has no data-parallel training"
 
     def __init__(self, cfg: SB3Config, env, policy) -> None:
         from stable_baselines3 import PPO

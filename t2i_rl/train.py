@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from t2i_rl import distributed
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("agent", "env", "model")
 
@@ -59,11 +61,34 @@ def validate(cfg: DictConfig):
     ]:
         if not ok:
             raise ValueError(f"{key} = {OmegaConf.select(cfg, key)} is invalid: must be {rule}")
+    world = distributed.launched_world_size()
+    if world > 1:
+        distributed.check_launcher()
+        if cls.single_process_reason:
+            raise ValueError(f"agent={cfg.agent.name} runs in one process; got {world} processes "
+                             f"({cls.single_process_reason})")
+        local = agent_cfg.per_process(world)  # each process's share must be a valid config too
+        if local.samples_per_epoch % cfg.env.batch_size:
+            raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid with {world} "
+                             f"processes: each process's share ({local.samples_per_epoch}) must be a multiple of "
+                             f"env.batch_size ({cfg.env.batch_size})")
+        share, batch = cfg.eval.num_prompts // world, cfg.eval.batch_size
+        if cfg.eval.num_prompts % world or not (share <= batch or share % batch == 0):
+            raise ValueError(f"eval.num_prompts = {cfg.eval.num_prompts} is invalid with {world} processes: must be "
+                             f"a multiple of {world} whose share per process (here {share}) is at most "
+                             f"eval.batch_size ({batch}) or a multiple of it")
     return cls, agent_cfg
 
 
 class Trainer:
-    """Wires env, policy, agent, diagnostics, logging and checkpoints for one run."""
+    """Wires env, policy, agent, diagnostics, logging and checkpoints for one run.
+
+    Under `accelerate launch` with several processes each process is one data-parallel rank
+    (t2i_rl/distributed.py): it samples its share of the epoch and of the held-out prompts with
+    its own seeds, gradients are averaged before every optimizer step, metrics are averaged over
+    the ranks, and only rank 0 writes logs, sample grids and checkpoints; a resumed run loads the
+    same checkpoint in every process, and each process its own random state from it.
+    """
 
     def __init__(self, cfg: DictConfig) -> None:
         from envs import DenoiseVectorEnv, heldout_counterpart, make_prompt_source
@@ -73,13 +98,15 @@ class Trainer:
         from t2i_rl.rewards import make_reward
 
         cls, agent_cfg = validate(cfg)
+        device = distributed.init(cfg.device)
+        world, self.is_main = distributed.world_size(), distributed.is_main()
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         model = cfg.model  # validated: the frozen parts in model.dtype, what trains in float32
-        pipe = load_pipeline(model.pipeline, dtype=getattr(torch, model.dtype), device=cfg.device,
+        pipe = load_pipeline(model.pipeline, dtype=getattr(torch, model.dtype), device=device,
                              attention=model.attention, gradient_checkpointing=model.gradient_checkpointing,
                              vae_slicing=model.vae_slicing)
         reward = make_reward(cfg.env.reward)
@@ -87,24 +114,31 @@ class Trainer:
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
-        eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.num_prompts))
+        eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.num_prompts // world))
         self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
-        self.agent = cls(agent_cfg, self.env, self.policy)
+        self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
         eval_source = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
         self.eval_prompts = make_prompt_source(eval_source)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed))
         self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
         self.stopper = EarlyStopper(cfg.early_stop.patience)
         self.best_gold = -1.0
         self.start_epoch = 0
-        self.env.reset(seed=cfg.seed)
-        self.agent.generator.manual_seed(cfg.seed)
+        seed = distributed.rank_seed(cfg.seed)
+        self.env.reset(seed=seed)
+        self.agent.generator.manual_seed(seed)
         last = self.run_dir / "checkpoints" / "last"
-        if cfg.resume and last.exists():
+        resume = bool(cfg.resume and last.exists())
+        if len(set(distributed.gather_objects(resume))) > 1:
+            raise RuntimeError(f"only some processes see {last}: output_dir must be on a filesystem every process reads")
+        if resume:
             self._resume(last)
-            truncate_jsonl(self.run_dir / "metrics.jsonl", self.start_epoch - 1)
-        self.logger = RunLogger(self.run_dir, purge_step=self.start_epoch if self.start_epoch else None)
-        OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+            if self.is_main:
+                truncate_jsonl(self.run_dir / "metrics.jsonl", self.start_epoch - 1)
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main,
+                                purge_step=self.start_epoch if self.start_epoch else None)
+        if self.is_main:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
         if self.start_epoch == 0:
             table = {f"agent.{k}": v for k, v in asdict(agent_cfg).items()}
             table.update({k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
@@ -118,44 +152,51 @@ class Trainer:
         start = time.perf_counter()
         rollout = self.agent.collect()
         collect_s = time.perf_counter() - start
-        metrics = rollout_metrics(rollout.rewards, rollout.info)
-        metrics["overopt/hacked_frac"] = self.hacks(rollout.rewards, rollout.info.get("gold/correct"))
+        # every process's rewards and verdicts: the hacked threshold is the whole batch's quantile
+        rewards = distributed.gather(rollout.rewards)
+        info = {k: distributed.gather(v) for k, v in rollout.info.items()}
+        metrics = rollout_metrics(rewards, info)
+        metrics["overopt/hacked_frac"] = self.hacks(rewards, info.get("gold/correct"))
         metrics.update(pixel_diversity(rollout.images, rollout.prompts))
         k = min(len(rollout), self.cfg.diagnostics.kl_samples)
         metrics["policy/kl_to_base"] = kl_to_base(self.policy, rollout.latents[:k], rollout.embeds[:k],
                                                   self.cfg.diagnostics.kl_every_step)
         metrics.update(self.agent.update(rollout))
-        metrics["time/samples_per_s"] = len(rollout) / collect_s
+        metrics["time/samples_per_s"] = len(rollout) * distributed.world_size() / collect_s
         metrics["time/epoch_s"] = time.perf_counter() - start
-        if self.cfg.samples.every and epoch % self.cfg.samples.every == 0:
+        if self.cfg.samples.every and epoch % self.cfg.samples.every == 0 and self.is_main:
             self._log_samples(epoch, rollout)
-        return metrics
+        return distributed.mean_metrics(metrics)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out prompts, the same x_T and sampler noise every time: base model at epoch 0."""
+        """Held-out prompts, the same x_T and sampler noise every time: base model at epoch 0.
+        Several processes each evaluate an equal share of the prompts; the scores are gathered."""
         if not self.eval_prompts:
             return {}
+        share = len(self.eval_prompts) // distributed.world_size()
+        prompts = self.eval_prompts[distributed.rank() * share:(distributed.rank() + 1) * share]
+        seed = distributed.rank_seed(self.cfg.seed + 1)
         saved = self.agent.generator.get_state()
-        self.agent.generator.manual_seed(self.cfg.seed + 1)
-        self.eval_env.reset(seed=self.cfg.seed + 1)
+        self.agent.generator.manual_seed(seed)
+        self.eval_env.reset(seed=seed)
         env, self.agent.env = self.agent.env, self.eval_env
         try:
-            rollout = self.agent.collect(self.eval_prompts)
+            rollout = self.agent.collect(prompts)
         finally:
             self.agent.env = env
             self.agent.generator.set_state(saved)
-        out = {"eval/proxy": rollout.rewards.mean().item()}
+        out = {"eval/proxy": distributed.gather(rollout.rewards).mean().item()}
         if "gold/score" in rollout.info:
-            out["eval/gold"] = rollout.info["gold/score"].mean().item()
-            out["eval/gold_correct"] = rollout.info["gold/correct"].mean().item()
+            out["eval/gold"] = distributed.gather(rollout.info["gold/score"]).mean().item()
+            out["eval/gold_correct"] = distributed.gather(rollout.info["gold/correct"]).mean().item()
         return out
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         bar = tqdm(range(self.start_epoch, cfg.epochs), initial=self.start_epoch, total=cfg.epochs,
-                   desc=f"{cfg.agent.name}/{cfg.env.name}", dynamic_ncols=True)
+                   desc=f"{cfg.agent.name}/{cfg.env.name}", dynamic_ncols=True, disable=not self.is_main)
         for epoch in bar:
             evaluating = epoch == 0 or (cfg.eval.every and epoch % cfg.eval.every == 0)
             metrics = self.evaluate() if evaluating else {}
@@ -184,9 +225,14 @@ class Trainer:
     def _save(self, name: str, epoch: int) -> None:
         from t2i_rl.checkpoint import save_checkpoint
 
+        # each process's own random streams (sampling noise, prompts), so each resumes its own
+        rank_rngs = distributed.gather_objects({"generator": self.agent.generator.get_state(),
+                                                "env": self.env.get_rng_state(), "torch": torch.get_rng_state()})
+        if not self.is_main:
+            return
         state = {"epoch": epoch, "agent": self.agent.state_dict(), "torch_rng": torch.get_rng_state(),
                  "hack_threshold": self.hacks.threshold, "stopper": self.stopper.history,
-                 "best_gold": self.best_gold}
+                 "best_gold": self.best_gold, "rank_rngs": rank_rngs}
         save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, state)
 
     def _resume(self, path: Path) -> None:
@@ -199,6 +245,16 @@ class Trainer:
         self.stopper.history = state["stopper"]
         self.best_gold = state["best_gold"]
         self.start_epoch = state["epoch"] + 1
+        rank, rank_rngs = distributed.rank(), state.get("rank_rngs", [])
+        if rank < len(rank_rngs):
+            own = rank_rngs[rank]
+            self.agent.generator.set_state(own["generator"])
+            self.env.set_rng_state(own["env"])
+            torch.set_rng_state(own["torch"])
+        elif rank > 0:  # more processes than the run that saved it: a fresh stream of this process's own
+            seed = distributed.rank_seed(self.cfg.seed + self.start_epoch)
+            self.env.reset(seed=seed)
+            self.agent.generator.manual_seed(seed)
 
     def _log_samples(self, epoch: int, rollout) -> None:
         from t2i_rl.diagnostics import image_grid
@@ -222,7 +278,9 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    return Trainer(cfg).fit()
+    metrics = Trainer(cfg).fit()
+    distributed.shutdown()
+    return metrics
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
