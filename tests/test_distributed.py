@@ -1,0 +1,201 @@
+"""Data-parallel training for real: `accelerate launch --num_processes 2` on the CPU (gloo), tiny
+models built from configs. Both ranks must end with the same weights, which trained; only rank 0
+writes; the ranks sample different prompts and noise; DDPO's advantages on every rank are one
+process's on the whole batch; a resumed two-process run equals one that did not stop."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from agents import agent_class
+from agents.ddpo import DDPOConfig
+from agents.rwr import RWRConfig
+from t2i_rl.checkpoint import LORA_FILE
+from t2i_rl.train import CONFIG_DIR, validate
+
+from tests.agents.test_train import tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("distributed_worker.py")
+RANKS = (0, 1)
+DEFAULT_AGENTS = ("ddpo", "refl")  # a policy-gradient agent and a gradient-through-reward one
+SLOW_AGENTS = ("dpok", "draft", "rwr", "ddpo_trl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch` of 2 processes on this machine's CPU, one thread each."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def run_jobs(tmp: Path, jobs: list[dict]) -> dict[str, list[dict]]:
+    """Run the worker's jobs in 2 processes; {out name: [rank 0's result, rank 1's]}."""
+    path = tmp / "jobs.json"
+    path.write_text(json.dumps([{**job, "out": str(tmp / job["out"])} for job in jobs]))
+    launch([str(WORKER), str(path)])
+    return {job["out"]: [torch.load(tmp / f"{job['out']}.rank{r}.pt", weights_only=False) for r in RANKS]
+            for job in jobs}
+
+
+def train_job(assets: dict, run_dir: Path, agent: str, out: str, epochs: int = 1) -> dict:
+    overrides, reward = tiny_overrides(assets, run_dir, agent, "raw", epochs=epochs)
+    return {"kind": "train", "overrides": overrides, "reward": reward, "out": out}
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_assets, tmp_path_factory):
+    """One launch: the helpers, each default agent for one epoch, and DDPO for 2 epochs straight
+    and 1 + 1 resumed."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    jobs = [{"kind": "helpers", "out": "helpers"}]
+    jobs += [train_job(tiny_assets, tmp / agent, agent, agent) for agent in DEFAULT_AGENTS]
+    jobs += [train_job(tiny_assets, tmp / "straight", "ddpo", "straight", epochs=2),
+             train_job(tiny_assets, tmp / "resumed", "ddpo", "first", epochs=1),
+             train_job(tiny_assets, tmp / "resumed", "ddpo", "resumed", epochs=2)]
+    return tmp, run_jobs(tmp, jobs)
+
+
+def check_agent_run(run_dir: Path, results: list[dict], epochs: int = 1, runs: int = 1) -> None:
+    """Identical trained weights on both ranks; only rank 0 wrote (one event file per run in the
+    folder, one metrics line per epoch), and its checkpoint holds them."""
+    first, second = results
+    assert first["lora"].keys() == second["lora"].keys() and first["lora"]
+    for key, value in first["lora"].items():
+        assert torch.equal(value, second["lora"][key]), f"the ranks' weights differ at {key}"
+    assert any(not torch.equal(v, first["initial"][k]) for k, v in first["lora"].items()), "nothing trained"
+    assert first["metrics"] == second["metrics"]  # averaged over the ranks: the same numbers on both
+    saved = load_file(run_dir / "checkpoints" / "last" / LORA_FILE)
+    assert {k.removeprefix("unet."): v for k, v in saved.items()}.keys() == first["lora"].keys()
+    assert all(torch.equal(v, first["lora"][k.removeprefix("unet.")]) for k, v in saved.items())
+    assert len(list((run_dir / "tb").iterdir())) == runs, "more than one process wrote TensorBoard events"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs + 1))  # + the final evaluation
+    assert (run_dir / "config.yaml").is_file()
+    # the ranks sampled different prompts and different x_T
+    assert first["prompts"] != second["prompts"] and not torch.equal(first["x_T"], second["x_T"])
+
+
+def test_helpers_gather_and_average_over_the_ranks(default_run):
+    _, results = default_run
+    for r, out in enumerate(results["helpers"]):
+        assert out["gathered"].tolist() == [0.0, 10.0, 1.0, 11.0]
+        assert out["local_rows"].tolist() == [float(r), r + 10.0]
+        assert out["gather_list"] == ["p0", "p1"]
+        both, one, none = out["grads"]
+        assert both.tolist() == [1.5] * 3  # (1 + 2) / 2
+        assert one.tolist() == [2.0] * 3  # rank 0 had none: it counts as zeros
+        assert none is None  # no rank had one: AdamW skips it, as in one process
+        assert out["metrics"] == {"a": 0.5, "b": 5.0}  # b: the mean over the ranks that report it
+        assert out["seeds"][0] == 7 and out["seeds"][1] != 7  # rank 0 keeps the run's seed
+
+
+@pytest.mark.parametrize("agent", DEFAULT_AGENTS)
+def test_two_processes_train_identical_weights_and_only_rank_0_writes(default_run, agent):
+    tmp, results = default_run
+    check_agent_run(tmp / agent, results[agent])
+
+
+def test_ddpo_advantages_are_one_process_advantages_on_the_whole_batch(default_run):
+    _, results = default_run
+    for out in results["ddpo"]:
+        assert len(out["advantages"]) == 4  # 2 samples on each rank
+        torch.testing.assert_close(out["advantages"], out["one_process_advantages"], rtol=0, atol=0)
+
+
+def test_resumed_two_process_run_equals_one_that_did_not_stop(default_run):
+    tmp, results = default_run
+    check_agent_run(tmp / "straight", results["straight"], epochs=2)
+    check_agent_run(tmp / "resumed", results["resumed"], epochs=2, runs=2)
+    for straight, resumed in zip(results["straight"], results["resumed"]):
+        for key, value in straight["lora"].items():
+            assert torch.equal(value, resumed["lora"][key]), key
+        assert straight["prompts"] == resumed["prompts"]  # each rank continued its own random streams
+        assert torch.equal(straight["x_T"], resumed["x_T"])
+
+
+@pytest.mark.slow
+def test_every_other_agent_trains_in_two_processes(tiny_assets, tmp_path):
+    results = run_jobs(tmp_path, [train_job(tiny_assets, tmp_path / a, a, a) for a in SLOW_AGENTS])
+    for agent in SLOW_AGENTS:
+        check_agent_run(tmp_path / agent, results[agent])
+
+
+def test_accelerate_launch_runs_the_training_command(tiny_assets, tmp_path):
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run", "ddpo", "raw")
+    launch(["-m", "t2i_rl.train", *overrides, f"env.reward={{name:clip,path:'{reward['path']}'}}"])
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoints" / "last" / LORA_FILE).is_file()
+    assert len(list((run_dir / "tb").iterdir())) == 1
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+# -- configuration: what several processes require, checked before any work (the CLI prints the
+#    ValueError as one `error:` line, tests/agents/test_train.py) -----------------------------------
+def test_per_process_config_splits_the_sample_counts():
+    cfg = DDPOConfig(samples_per_epoch=32, train_batch_size=8)
+    assert cfg.per_process(1) is cfg
+    local = cfg.per_process(4)
+    assert (local.samples_per_epoch, local.train_batch_size, local.lr) == (8, 2, cfg.lr)
+    rwr = RWRConfig(samples_per_epoch=8, train_batch_size=4, pretrain_batch_size=6).per_process(2)
+    assert (rwr.samples_per_epoch, rwr.train_batch_size, rwr.pretrain_batch_size) == (4, 2, 3)
+    with pytest.raises(ValueError, match=r"agent.train_batch_size = 8 is invalid with 3 processes: must be a "
+                                         r"multiple of 3"):
+        DDPOConfig(samples_per_epoch=24, train_batch_size=8).per_process(3)
+    with pytest.raises(ValueError, match=r"group_size \(16\) \(in each process's share, with 2 processes\)"):
+        DDPOConfig(samples_per_epoch=16, train_batch_size=8, group_size=16).per_process(2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.num_prompts=6", "eval.batch_size=6"], "eval.num_prompts = 6 is invalid with 4 processes"),
+    (["eval.num_prompts=24", "eval.batch_size=4"], r"share per process \(here 6\)"),
+    (["agent.samples_per_epoch=30"], "agent.samples_per_epoch = 30 is invalid with 4 processes"),
+    (["agent.samples_per_epoch=32", "env.batch_size=16"], r"each process's share \(8\) must be a multiple of "
+                                                          r"env.batch_size \(16\)"),
+    (["agent=sb3"], r"^agent=sb3 runs in one process; got 4 processes \(Stable-Baselines3's PPO has no "
+                    r"data-parallel training\)$"),
+])
+def test_validate_checks_the_shares_of_each_process(monkeypatch, overrides, message):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["env.batch_size=2", *overrides])
+    with pytest.raises(ValueError, match=message):
+        validate(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    validate(cfg)  # valid in one process
+
+
+@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_sharded_launches_are_refused(monkeypatch, flag, name):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(flag, "true")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config")
+    with pytest.raises(ValueError, match=f"^{name} launches are not supported"):
+        validate(cfg)
+
+
+def test_every_agent_but_sb3_trains_data_parallel():
+    from agents import AGENTS
+
+    single = {name for name in AGENTS if agent_class(name).single_process_reason}
+    assert single == {"sb3"}
