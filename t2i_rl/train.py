@@ -52,6 +52,7 @@ def validate(cfg: DictConfig):
         ("env.num_steps", cfg.env.num_steps >= 1, ">= 1"),
         ("env.eta", 0 < cfg.env.eta <= 1, "in (0, 1]"),
         ("env.guidance_scale", cfg.env.guidance_scale >= 0, ">= 0"),
+        ("budget_minutes", cfg.budget_minutes >= 0, ">= 0 (0: no time limit)"),
         ("eval.every", cfg.eval.every >= 0, ">= 0 (0: only at epoch 0)"),
         ("eval.num_prompts", cfg.eval.num_prompts >= 0, ">= 0"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
@@ -197,7 +198,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         bar = tqdm(range(self.start_epoch, cfg.epochs), initial=self.start_epoch, total=cfg.epochs,
                    desc=f"{cfg.agent.name}/{cfg.env.name}", dynamic_ncols=True, disable=not self.is_main)
+        start, last_epoch = time.perf_counter(), cfg.epochs - 1
         for epoch in bar:
+            last_epoch = epoch
             evaluating = epoch == 0 or (cfg.eval.every and epoch % cfg.eval.every == 0)
             metrics = self.evaluate() if evaluating else {}
             metrics.update(self.epoch(epoch))
@@ -215,9 +218,14 @@ class Trainer:
                 tqdm.write(f"early stop at epoch {epoch}: held-out gold fell for {cfg.early_stop.patience} "
                            "evaluations while the proxy rose; the best-gold checkpoint is checkpoints/best")
                 break
+            # every process stops after the same epoch: the slowest one's clock decides
+            minutes = max(distributed.gather_objects(time.perf_counter() - start)) / 60
+            if cfg.budget_minutes and minutes >= cfg.budget_minutes and epoch < cfg.epochs - 1:
+                tqdm.write(f"time budget of {cfg.budget_minutes:g} min spent after epoch {epoch}")
+                break
         final = self.evaluate()
         if final:
-            self.logger.log(cfg.epochs, final)
+            self.logger.log(last_epoch + 1, final)
         self.logger.close()
         return {**metrics, **{f"final/{k}": v for k, v in final.items()}}
 

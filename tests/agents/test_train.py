@@ -26,7 +26,7 @@ def tiny_pretrained(tmp_path_factory):
     return {name: str(save_tiny_reward(name, root / name)) for name in PRETRAINED}
 
 
-def tiny_overrides(assets, run_dir, agent="ddpo", env="textnorm", epochs=1, pretrained=None):
+def tiny_overrides(assets, run_dir, agent="ddpo", env="textnorm", epochs=1, pretrained=None, lora_rank="4"):
     clip = {"name": "clip", "path": assets["clip"]}
     members = [clip, {"name": "lee", "path": assets["lee"]}, {"name": "pairwise", "path": assets["pairwise"]}]
     shapes = {
@@ -42,7 +42,7 @@ def tiny_overrides(assets, run_dir, agent="ddpo", env="textnorm", epochs=1, pret
         f"model.pipeline={assets['pipeline']}", "env.batch_size=2", "env.num_steps=2",
         "agent.samples_per_epoch=4", "agent.train_batch_size=2",
         "eval.num_prompts=4", "eval.batch_size=4", "eval.every=1", "samples.every=1", "samples.num=4",
-        "diagnostics.kl_samples=2",
+        "diagnostics.kl_samples=2", f"agent.lora_rank={lora_rank}",
     ], reward
 
 
@@ -94,13 +94,27 @@ def test_every_agent_env_pair_runs_a_tiny_epoch(tiny_assets, tiny_pretrained, tm
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_resuming_equals_not_stopping(tiny_assets, tmp_path):
+def test_time_budget_stops_after_the_epoch_that_spends_it_and_still_evaluates(tiny_assets, tmp_path):
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run", epochs=5)
+    cfg = compose_cfg((overrides + ["budget_minutes=1e-9", "eval.every=0"], reward))
+    metrics = Trainer(cfg).fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]  # one epoch trained, then the final held-out eval
+    assert set(lines[1]) == {"epoch", "eval/proxy", "eval/gold", "eval/gold_correct"}
+    assert metrics["final/eval/gold_correct"] == lines[1]["eval/gold_correct"]
+
+
+@pytest.mark.parametrize("lora_rank", ["4", "null"])  # LoRA, and full fine-tuning (DDPO's default)
+def test_resuming_equals_not_stopping(tiny_assets, tmp_path, lora_rank):
     """2 epochs in one go == 1 epoch, a new process resuming, 1 more epoch: same parameters."""
-    straight = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "a", epochs=2)))
+    def trainer(run, epochs):
+        return Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / run, epochs=epochs, lora_rank=lora_rank)))
+
+    straight = trainer("a", 2)
     straight.fit()
-    first = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "b", epochs=1)))
+    first = trainer("b", 1)
     first.fit()
-    resumed = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "b", epochs=2)))
+    resumed = trainer("b", 2)
     assert resumed.start_epoch == 1
     resumed.fit()
     for a, b in zip(straight.policy.trainable_parameters(), resumed.policy.trainable_parameters()):
