@@ -24,6 +24,18 @@ from .._common import check_prompt_sets, prompt_index
 from ..base import RawReward
 from ..clip_style import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+
+def check_weights_fit(weights: dict[str, torch.Tensor], model: nn.Module, what: str) -> None:
+    """Raise unless `weights` sets exactly every entry of `model`'s state dict, in its shape:
+    converted checkpoints must load strictly, never half."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+           for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{what}: missing {missing[:10]}, unexpected {unexpected[:10]}, wrong shapes {bad[:5]}")
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's resampling codes, as image processors store them
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

@@ -29,8 +29,18 @@ from accelerate import init_empty_weights
 from transformers import AutoTokenizer, BlipConfig, BlipTextModel, BlipVisionModel
 from transformers.models.blip.modeling_blip import BlipPreTrainedModel
 
-from .common import ImageTransform, PretrainedReward, RewardMLP, has_tokenizer, load, load_state_dict, local_path, \
-    parse_dtype, resolve_file
+from .common import (
+    ImageTransform,
+    PretrainedReward,
+    RewardMLP,
+    check_weights_fit,
+    has_tokenizer,
+    load,
+    load_state_dict,
+    local_path,
+    parse_dtype,
+    resolve_file,
+)
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
@@ -111,14 +121,7 @@ class ImageRewardModel(BlipPreTrainedModel):
         weights = convert_original_state_dict(state)
         with init_empty_weights():  # parameters on the meta device: nothing is initialized only to be overwritten
             model = cls(config)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        bad = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-               for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
-        if missing or unexpected or bad:
-            raise ValueError(f"the ImageReward checkpoint does not fit the BLIP modules: missing {missing[:10]}, "
-                             f"unexpected {unexpected[:10]}, wrong shapes {bad[:5]}")
+        check_weights_fit(weights, model, "the ImageReward checkpoint does not fit the BLIP modules")
         model.load_state_dict({k: v.float() if k.startswith("mlp.") else v.to(dtype) for k, v in weights.items()},
                               assign=True)
         return model.eval()

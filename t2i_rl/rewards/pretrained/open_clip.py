@@ -24,6 +24,8 @@ import torch
 from accelerate import init_empty_weights
 from transformers import CLIPConfig, CLIPModel
 
+from .common import check_weights_fit
+
 _BLOCK = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
 _BLOCK_PARTS = {
     "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
@@ -142,13 +144,6 @@ def clip_from_open_clip(
     weights = convert_open_clip_state_dict(state)
     with init_empty_weights():  # parameters on the meta device: nothing is initialized only to be overwritten
         model = CLIPModel(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-           for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"open_clip weights do not fit the inferred CLIPConfig: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}, wrong shapes {bad[:5]}")
+    check_weights_fit(weights, model, "open_clip weights do not fit the inferred CLIPConfig")
     model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
     return model.eval()
