@@ -132,7 +132,7 @@ def test_sd_configs_compose_validate_and_set_sd_sampling(model, pipeline, resolu
     assert cfg.model.resolution == resolution and cfg.agent.lora_rank == 8  # LoRA from the agent config
     assert (cfg.env.num_steps, cfg.env.guidance_scale, cfg.env.name) == (50, 5.0, "textnorm")
     assert cfg.env.reward == shapes.env.reward  # the env group keeps its own reward
-    assert (shapes.env.num_steps, shapes.model.dtype, shapes.model.resolution) == (20, "float32", None)
+    assert (shapes.env.num_steps, shapes.model.dtype, shapes.model.resolution) == (10, "float32", None)
     assert override.env.num_steps == 7  # the command line wins over the model file
 
 
