@@ -218,11 +218,12 @@ class Trainer:
                 tqdm.write(f"early stop at epoch {epoch}: held-out gold fell for {cfg.early_stop.patience} "
                            "evaluations while the proxy rose; the best-gold checkpoint is checkpoints/best")
                 break
-            # every process stops after the same epoch: the slowest one's clock decides
-            minutes = max(distributed.gather_objects(time.perf_counter() - start)) / 60
-            if cfg.budget_minutes and minutes >= cfg.budget_minutes and epoch < cfg.epochs - 1:
-                tqdm.write(f"time budget of {cfg.budget_minutes:g} min spent after epoch {epoch}")
-                break
+            if cfg.budget_minutes and epoch < cfg.epochs - 1:
+                # every process stops after the same epoch: the slowest one's clock decides
+                minutes = max(distributed.gather_objects(time.perf_counter() - start)) / 60
+                if minutes >= cfg.budget_minutes:
+                    tqdm.write(f"time budget of {cfg.budget_minutes:g} min spent after epoch {epoch}")
+                    break
         final = self.evaluate()
         if final:
             self.logger.log(last_epoch + 1, final)
