@@ -25,7 +25,11 @@ class DDPOConfig(AgentConfig):
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon"})
     adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this"})
     inner_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
-    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of the T steps trained on"})
+    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of the trained steps sampled per minibatch"})
+    train_steps: int = field(default=0, metadata={
+        "help": "train on the first k denoising steps only (0: all T). The early, noisiest steps decide the "
+                "layout; late steps barely change the reward but, with their small sigma_t, dominate the "
+                "score-function gradient with noise"})
     per_prompt_stat_tracking: bool = field(default=True, metadata={
         "help": "normalize rewards by running statistics of the same prompt (else by the batch)"})
     stat_buffer_size: int = field(default=32, metadata={"help": "rewards kept per prompt"})
@@ -46,6 +50,8 @@ class DDPOConfig(AgentConfig):
             raise ValueError(f"agent.inner_epochs = {self.inner_epochs} is invalid: must be >= 1")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"agent.timestep_fraction = {self.timestep_fraction} is invalid: must be in (0, 1]")
+        if self.train_steps < 0:
+            raise ValueError(f"agent.train_steps = {self.train_steps} is invalid: must be >= 0 (0: all steps)")
         if self.stat_buffer_size < 1 or self.stat_min_count < 1:
             raise ValueError("agent.stat_buffer_size and agent.stat_min_count must be >= 1")
         if self.group_size < 0 or self.group_size == 1:
@@ -105,6 +111,9 @@ class DDPOAgent(Agent):
 
     def __init__(self, cfg: DDPOConfig, env, policy) -> None:
         super().__init__(cfg, env, policy)
+        if cfg.train_steps > policy.num_steps:
+            raise ValueError(f"agent.train_steps = {cfg.train_steps} is invalid: the sampler has only "
+                             f"{policy.num_steps} steps (env.num_steps)")
         self.tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
 
     def collect(self, prompts: list[str] | None = None) -> Rollout:
@@ -135,13 +144,18 @@ class DDPOAgent(Agent):
         return loss + penalty, {"loss/policy": loss.item(), "loss/kl_penalty": float(penalty.detach()),
                                 "policy/approx_kl": approx_kl.item(), "policy/clipfrac": clipfrac.item()}
 
+    def trained_steps(self) -> int:
+        """How many of the first denoising steps the update trains on."""
+        return self.cfg.train_steps or self.policy.num_steps
+
     def update(self, rollout: Rollout) -> dict[str, float]:
         adv = self.advantages(rollout)
-        n_steps = max(1, round(self.cfg.timestep_fraction * self.policy.num_steps))
+        trained = self.trained_steps()
+        n_steps = max(1, round(self.cfg.timestep_fraction * trained))
         stats: dict[str, list[float]] = {}
         for _ in range(self.cfg.inner_epochs):
             for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
-                steps = torch.randperm(self.policy.num_steps, generator=self.generator)[:n_steps]
+                steps = torch.randperm(trained, generator=self.generator)[:n_steps]
                 chunk = self.cfg.step_chunk or n_steps
                 for start in range(0, n_steps, chunk):
                     # rows = (sample, step) pairs, sample-major; one UNet call re-evaluates them all

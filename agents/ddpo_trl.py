@@ -84,6 +84,9 @@ class TRLDDPOConfig(DDPOConfig):
         if self.kl_coef != 0:
             raise ValueError(f"agent.kl_coef = {self.kl_coef} is invalid for ddpo_trl: TRL's DDPO loss has no KL "
                              "penalty; use kl_coef=0 (or agent=ddpo / agent=dpok for a KL term)")
+        if self.train_steps != 0:
+            raise ValueError(f"agent.train_steps = {self.train_steps} is invalid for ddpo_trl: TRL samples the trained "
+                             "steps from all T; use train_steps=0 (or agent=ddpo)")
         if self.group_size != 0:
             raise ValueError(f"agent.group_size = {self.group_size} is invalid for ddpo_trl: TRL draws one prompt "
                              "per sample and has no GRPO-style groups; use group_size=0 (or agent=ddpo)")

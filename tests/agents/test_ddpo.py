@@ -71,3 +71,30 @@ def test_one_unet_call_over_all_steps_gives_the_per_step_gradient(tiny_agent):
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_train_steps_trains_only_the_first_steps(tiny_agent):
+    """train_steps=k re-evaluates transitions of the first k denoising steps only, every one of them."""
+    from agents.ddpo import DDPOAgent
+
+    agent = tiny_agent(DDPOAgent, steps=3, train_steps=2, step_chunk=1)
+    seen = []
+    log_prob = agent.policy.log_prob
+
+    def spy(x, x_next, i, embeds, *args, **kwargs):
+        seen.append(int(i))
+        return log_prob(x, x_next, i, embeds, *args, **kwargs)
+
+    agent.policy.log_prob = spy
+    agent.seed(0)
+    agent.update(agent.collect())
+    assert sorted(seen) == [0, 1]
+
+
+def test_train_steps_beyond_the_sampler_is_refused(tiny_agent):
+    from agents.ddpo import DDPOAgent
+
+    with pytest.raises(ValueError, match="train_steps = 4 .* only 3 steps"):
+        tiny_agent(DDPOAgent, steps=3, train_steps=4)
+    with pytest.raises(ValueError, match="train_steps"):
+        DDPOConfig(train_steps=-1)

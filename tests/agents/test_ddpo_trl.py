@@ -95,6 +95,7 @@ def test_one_trl_epoch_trains_the_policy_weights(trl_agent):
 @pytest.mark.parametrize("bad, match", [
     ({"kl_coef": 0.1}, "no KL"),
     ({"group_size": 2}, "GRPO"),
+    ({"train_steps": 2}, "all T"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
 ])
 def test_config_rejects_what_trl_cannot_do(bad, match):
