@@ -133,6 +133,17 @@ class Agent(ABC):
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(0)
 
+    def shard_optimizer(self) -> None:
+        """ZeRO stage 1 for a run of several processes (`shard_optimizer=true`): the same AdamW with
+        each process keeping its share of the states, to fit full fine-tuning of a large UNet. Called
+        before the first step, while AdamW holds no state yet."""
+        if type(self.optimizer) is not torch.optim.AdamW:
+            raise ValueError(f"shard_optimizer=true is invalid for agent={self.cfg.name}: it steps "
+                             f"{type(self.optimizer).__name__}, not the AdamW that can be sharded; "
+                             "use shard_optimizer=false")
+        self.optimizer = distributed.zero_optimizer(self.params, torch.optim.AdamW, lr=self.cfg.lr,
+                                                    weight_decay=self.cfg.weight_decay)
+
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
         self.env.reset(seed=seed)

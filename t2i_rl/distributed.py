@@ -12,6 +12,12 @@ The gradients are averaged explicitly rather than through a DDP-wrapped UNet bec
 call the UNet several times per backward pass (guidance, the reference model with the adapters
 off, chunks of steps, checkpointed steps), which a DDP wrapper does not follow.
 
+With `shard_optimizer=true` (ZeRO stage 1) each rank keeps the AdamW states of about 1/N of the
+parameters (`zero_optimizer`): the averaged, clipped gradients are whole on every rank, each rank
+steps its shard and broadcasts the updated weights, so the training is the same while the states,
+twice the trainable weights in float32, take 1/N of the memory. Checkpoints gather the shards on
+rank 0 first (`consolidate_optimizer`); on resume every rank loads the whole state and keeps its shard.
+
 In a one-process run every helper returns its input untouched and communicates nothing, so such
 a run computes exactly what it computed before these helpers existed.
 """
@@ -25,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 # parameters per all-reduce call (64 MiB of float32): few calls for LoRA, bounded memory for a full UNet
 BUCKET_NUMEL = 1 << 24
@@ -42,7 +49,8 @@ def check_launcher() -> None:
     for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
         if os.environ.get(flag, "false").lower() == "true":
             raise ValueError(f"{name} launches are not supported: t2i_rl.train averages the gradients of whole "
-                             "copies of the trainable weights itself (data parallel); launch with --multi_gpu")
+                             "copies of the trainable weights itself (data parallel); launch with --multi_gpu "
+                             "(shard_optimizer=true shards the AdamW states, ZeRO stage 1)")
 
 
 def init(device: str) -> str:
@@ -132,6 +140,21 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
+
+
+def zero_optimizer(params: list[torch.nn.Parameter], optimizer_class: type[torch.optim.Optimizer],
+                   **options: Any) -> ZeroRedundancyOptimizer:
+    """ZeRO stage 1: `optimizer_class(params, **options)` whose states are split over the ranks, each
+    keeping about 1/N of them. `step` updates this rank's shard from the whole (averaged) gradients
+    and broadcasts it, so every rank ends each step with the same weights as the unsharded optimizer."""
+    return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, **options)
+
+
+def consolidate_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Gather a sharded optimizer's states on rank 0, whose `state_dict()` then holds them all (for a
+    checkpoint). A collective: every rank calls it. Nothing to do for an unsharded optimizer."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ def validate(cfg: DictConfig):
         ("env.eta", 0 < cfg.env.eta <= 1, "in (0, 1]"),
         ("env.guidance_scale", cfg.env.guidance_scale >= 0, ">= 0"),
         ("budget_minutes", cfg.budget_minutes >= 0, ">= 0 (0: no time limit)"),
+        ("shard_optimizer", isinstance(cfg.shard_optimizer, bool), "true or false"),
         ("eval.every", cfg.eval.every >= 0, ">= 0 (0: only at epoch 0)"),
         ("eval.num_prompts", cfg.eval.num_prompts >= 0, ">= 0"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
@@ -88,7 +89,8 @@ class Trainer:
     (t2i_rl/distributed.py): it samples its share of the epoch and of the held-out prompts with
     its own seeds, gradients are averaged before every optimizer step, metrics are averaged over
     the ranks, and only rank 0 writes logs, sample grids and checkpoints; a resumed run loads the
-    same checkpoint in every process, and each process its own random state from it.
+    same checkpoint in every process, and each process its own random state from it. With
+    `shard_optimizer=true` each process keeps its share of the AdamW states (ZeRO stage 1).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -119,6 +121,8 @@ class Trainer:
         self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
+        if cfg.shard_optimizer and world > 1:  # one process has nothing to shard: AdamW as it is
+            self.agent.shard_optimizer()
         eval_source = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
         self.eval_prompts = make_prompt_source(eval_source)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed))
         self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
@@ -237,6 +241,8 @@ class Trainer:
         # each process's own random streams (sampling noise, prompts), so each resumes its own
         rank_rngs = distributed.gather_objects({"generator": self.agent.generator.get_state(),
                                                 "env": self.env.get_rng_state(), "torch": torch.get_rng_state()})
+        # a sharded optimizer's states, every rank's shard, go to rank 0's agent.state_dict()
+        distributed.consolidate_optimizer(self.agent.optimizer)
         if not self.is_main:
             return
         state = {"epoch": epoch, "agent": self.agent.state_dict(), "torch_rng": torch.get_rng_state(),

@@ -7,8 +7,9 @@
   mean_metrics on values that depend on the rank;
 - {"kind": "train", "overrides": [...], "reward": {...}, "out": PATH}: a Trainer on the composed
   configs (the tiny models' reward in env.reward), fit; then its LoRA weights (named as in the
-  checkpoint's safetensors) before and after, its metrics, one more rollout's prompts and x_T, and the advantages
-  of that rollout next to those one process computes on every rank's samples (DDPO).
+  checkpoint's safetensors) before and after, its metrics, how many parameters' optimizer states
+  this rank holds, one more rollout's prompts and x_T, and the advantages of that rollout next to
+  those one process computes on every rank's samples (DDPO).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def train(job: dict) -> dict:
     initial = lora()
     metrics = trainer.fit()
     agent = trainer.agent
-    out = {"initial": initial, "lora": lora(), "metrics": metrics}
+    local = getattr(agent.optimizer, "optim", agent.optimizer)  # a ZeroRedundancyOptimizer's own shard
+    out = {"initial": initial, "lora": lora(), "metrics": metrics, "optimizer_states": len(local.state)}
     tracker = copy.deepcopy(getattr(agent, "tracker", None))
     rollout = agent.collect()
     out["prompts"], out["x_T"] = rollout.prompts, rollout.latents[:, 0]

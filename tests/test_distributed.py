@@ -1,7 +1,8 @@
 """Data-parallel training for real: `accelerate launch --num_processes 2` on the CPU (gloo), tiny
 models built from configs. Both ranks must end with the same weights, which trained; only rank 0
 writes; the ranks sample different prompts and noise; DDPO's advantages on every rank are one
-process's on the whole batch; a resumed two-process run equals one that did not stop."""
+process's on the whole batch; a resumed two-process run equals one that did not stop; with
+shard_optimizer=true (ZeRO-1) each rank holds part of the AdamW states and trains the same weights."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from agents import agent_class
 from agents.ddpo import DDPOConfig
 from agents.rwr import RWRConfig
-from t2i_rl.checkpoint import LORA_FILE
+from t2i_rl.checkpoint import LORA_FILE, STATE_FILE
 from t2i_rl.train import CONFIG_DIR, validate
 
 from tests.agents.test_train import tiny_overrides
@@ -57,21 +58,22 @@ def run_jobs(tmp: Path, jobs: list[dict]) -> dict[str, list[dict]]:
             for job in jobs}
 
 
-def train_job(assets: dict, run_dir: Path, agent: str, out: str, epochs: int = 1) -> dict:
+def train_job(assets: dict, run_dir: Path, agent: str, out: str, epochs: int = 1, *extra: str) -> dict:
     overrides, reward = tiny_overrides(assets, run_dir, agent, "raw", epochs=epochs)
-    return {"kind": "train", "overrides": overrides, "reward": reward, "out": out}
+    return {"kind": "train", "overrides": [*overrides, *extra], "reward": reward, "out": out}
 
 
 @pytest.fixture(scope="module")
 def default_run(tiny_assets, tmp_path_factory):
     """One launch: the helpers, each default agent for one epoch, and DDPO for 2 epochs straight
-    and 1 + 1 resumed."""
+    and 1 + 1 resumed, without and with a sharded optimizer."""
     tmp = tmp_path_factory.mktemp("distributed")
     jobs = [{"kind": "helpers", "out": "helpers"}]
     jobs += [train_job(tiny_assets, tmp / agent, agent, agent) for agent in DEFAULT_AGENTS]
-    jobs += [train_job(tiny_assets, tmp / "straight", "ddpo", "straight", epochs=2),
-             train_job(tiny_assets, tmp / "resumed", "ddpo", "first", epochs=1),
-             train_job(tiny_assets, tmp / "resumed", "ddpo", "resumed", epochs=2)]
+    for prefix, extra in (("", ()), ("sharded_", ("shard_optimizer=true",))):
+        jobs += [train_job(tiny_assets, tmp / f"{prefix}straight", "ddpo", f"{prefix}straight", 2, *extra),
+                 train_job(tiny_assets, tmp / f"{prefix}resumed", "ddpo", f"{prefix}first", 1, *extra),
+                 train_job(tiny_assets, tmp / f"{prefix}resumed", "ddpo", f"{prefix}resumed", 2, *extra)]
     return tmp, run_jobs(tmp, jobs)
 
 
@@ -133,6 +135,24 @@ def test_resumed_two_process_run_equals_one_that_did_not_stop(default_run):
         assert torch.equal(straight["x_T"], resumed["x_T"])
 
 
+def test_sharded_optimizer_splits_the_states_and_trains_the_same_weights(default_run):
+    """ZeRO-1: each rank holds part of the AdamW states, the checkpoint all of them (consolidated on
+    rank 0); the weights are those of the unsharded run, and a resumed run equals one that did not stop."""
+    tmp, results = default_run
+    check_agent_run(tmp / "sharded_straight", results["sharded_straight"], epochs=2)
+    check_agent_run(tmp / "sharded_resumed", results["sharded_resumed"], epochs=2, runs=2)
+    for run in ("straight", "sharded_straight", "sharded_resumed"):
+        saved = torch.load(tmp / run / "checkpoints" / "last" / STATE_FILE, weights_only=False)
+        assert len(saved["agent"]["optimizer"]["state"]) == len(results["straight"][0]["lora"]), run
+    held = [out["optimizer_states"] for out in results["sharded_straight"]]
+    assert [out["optimizer_states"] for out in results["straight"]] == [len(results["straight"][0]["lora"])] * 2
+    assert min(held) > 0 and sum(held) == len(results["straight"][0]["lora"])
+    for plain, sharded, resumed in zip(results["straight"], results["sharded_straight"], results["sharded_resumed"]):
+        for key, value in sharded["lora"].items():
+            torch.testing.assert_close(value, plain["lora"][key])
+            assert torch.equal(value, resumed["lora"][key]), key
+
+
 @pytest.mark.slow
 def test_every_other_agent_trains_in_two_processes(tiny_assets, tmp_path):
     results = run_jobs(tmp_path, [train_job(tiny_assets, tmp_path / a, a, a) for a in SLOW_AGENTS])
@@ -192,6 +212,25 @@ def test_sharded_launches_are_refused(monkeypatch, flag, name):
         cfg = compose(config_name="config")
     with pytest.raises(ValueError, match=f"^{name} launches are not supported"):
         validate(cfg)
+
+
+def test_validate_checks_shard_optimizer():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["shard_optimizer=sometimes"])
+    with pytest.raises(ValueError, match=r"^shard_optimizer = sometimes is invalid: must be true or false$"):
+        validate(cfg)
+
+
+def test_only_the_base_agents_adamw_is_sharded():
+    """An agent stepping another optimizer (ddpo_trl steps TRL's) is refused, not trained unsharded."""
+    from types import SimpleNamespace
+
+    from agents.base import Agent
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    agent = SimpleNamespace(optimizer=torch.optim.SGD([param], lr=0.1), cfg=SimpleNamespace(name="other"))
+    with pytest.raises(ValueError, match=r"^shard_optimizer=true is invalid for agent=other: it steps SGD"):
+        Agent.shard_optimizer(agent)
 
 
 def test_every_agent_but_sb3_trains_data_parallel():
