@@ -120,6 +120,8 @@ class Agent(ABC):
     config_class: ClassVar[type[AgentConfig]] = AgentConfig
     # why the agent cannot train data-parallel over several processes (None: it can)
     single_process_reason: ClassVar[str | None] = None
+    # why `shard_optimizer=true` cannot shard the optimizer this agent steps (None: it can)
+    unshardable_optimizer_reason: ClassVar[str | None] = None
 
     def __init__(self, cfg: AgentConfig, env, policy) -> None:
         if cfg.samples_per_epoch % env.num_envs:

@@ -69,6 +69,9 @@ def validate(cfg: DictConfig):
         if cls.single_process_reason:
             raise ValueError(f"agent={cfg.agent.name} runs in one process; got {world} processes "
                              f"({cls.single_process_reason})")
+        if cfg.shard_optimizer and cls.unshardable_optimizer_reason:
+            raise ValueError(f"shard_optimizer = true is invalid for agent={cfg.agent.name} "
+                             f"({cls.unshardable_optimizer_reason}); use shard_optimizer=false")
         local = agent_cfg.per_process(world)  # each process's share must be a valid config too
         if local.samples_per_epoch % cfg.env.batch_size:
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid with {world} "

@@ -221,6 +221,16 @@ def test_validate_checks_shard_optimizer():
         validate(cfg)
 
 
+def test_validate_refuses_sharding_trls_optimizer(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["agent=ddpo_trl", "shard_optimizer=true"])
+    with pytest.raises(ValueError, match=r"^shard_optimizer = true is invalid for agent=ddpo_trl \(TRL's"):
+        validate(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    validate(cfg)  # one process shards nothing
+
+
 def test_only_the_base_agents_adamw_is_sharded():
     """An agent stepping another optimizer (ddpo_trl steps TRL's) is refused, not trained unsharded."""
     from types import SimpleNamespace
