@@ -46,6 +46,7 @@ def validate(cfg: DictConfig):
     cls = agent_class(cfg.agent.name)
     agent_cfg = cls.config_class.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))
     check_model_config(cfg.model)
+    world = distributed.launched_world_size()
     for key, ok, rule in [
         ("epochs", cfg.epochs >= 1, ">= 1"),
         ("env.batch_size", cfg.env.batch_size >= 1, ">= 1"),
@@ -57,13 +58,13 @@ def validate(cfg: DictConfig):
         ("eval.every", cfg.eval.every >= 0, ">= 0 (0: only at epoch 0)"),
         ("eval.num_prompts", cfg.eval.num_prompts >= 0, ">= 0"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
-        ("eval.num_prompts", cfg.eval.num_prompts <= cfg.eval.batch_size
+        # one process's rule; with several, each process's share must keep it (checked below)
+        ("eval.num_prompts", world > 1 or cfg.eval.num_prompts <= cfg.eval.batch_size
          or cfg.eval.num_prompts % cfg.eval.batch_size == 0,
          f"at most eval.batch_size ({cfg.eval.batch_size}) or a multiple of it"),
     ]:
         if not ok:
             raise ValueError(f"{key} = {OmegaConf.select(cfg, key)} is invalid: must be {rule}")
-    world = distributed.launched_world_size()
     if world > 1:
         distributed.check_launcher()
         if cls.single_process_reason:

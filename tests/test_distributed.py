@@ -214,6 +214,16 @@ def test_sharded_launches_are_refused(monkeypatch, flag, name):
         validate(cfg)
 
 
+def test_eval_prompts_are_checked_per_process_share(monkeypatch):
+    """96 held-out prompts in batches of 64: invalid in one process, valid in two (48 each)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["eval.num_prompts=96", "eval.batch_size=64"])
+    with pytest.raises(ValueError, match=r"^eval.num_prompts = 96 is invalid: must be at most eval.batch_size"):
+        validate(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    validate(cfg)
+
+
 def test_validate_checks_shard_optimizer():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["shard_optimizer=sometimes"])
