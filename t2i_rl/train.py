@@ -121,17 +121,14 @@ class Trainer:
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
-        eval_source = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
-        self.eval_prompts = make_prompt_source(eval_source)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed))
         eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.num_prompts // world))
-        # evaluation passes its prompts to every reset, so the env's own source (never drawn from) is
-        # these prompts rather than a second read of env.prompts
-        self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=self.eval_prompts or cfg.env.prompts,
-                                         **env_kwargs)
+        self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
         if cfg.shard_optimizer and world > 1:  # one process has nothing to shard: AdamW as it is
             self.agent.shard_optimizer()
+        eval_source = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
+        self.eval_prompts = make_prompt_source(eval_source)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed))
         self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
         self.stopper = EarlyStopper(cfg.early_stop.patience)
         self.best_gold = -1.0
