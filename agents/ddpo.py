@@ -25,7 +25,8 @@ class DDPOConfig(AgentConfig):
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon"})
     adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this"})
     inner_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
-    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of the trained steps sampled per minibatch"})
+    timestep_fraction: float = field(default=1.0, metadata={
+        "help": "fraction of the trained steps sampled per minibatch"})
     train_steps: int = field(default=0, metadata={
         "help": "train on the first k denoising steps only (0: all T). The early, noisiest steps decide the "
                 "layout; late steps barely change the reward but, with their small sigma_t, dominate the "
@@ -144,13 +145,9 @@ class DDPOAgent(Agent):
         return loss + penalty, {"loss/policy": loss.item(), "loss/kl_penalty": float(penalty.detach()),
                                 "policy/approx_kl": approx_kl.item(), "policy/clipfrac": clipfrac.item()}
 
-    def trained_steps(self) -> int:
-        """How many of the first denoising steps the update trains on."""
-        return self.cfg.train_steps or self.policy.num_steps
-
     def update(self, rollout: Rollout) -> dict[str, float]:
         adv = self.advantages(rollout)
-        trained = self.trained_steps()
+        trained = self.cfg.train_steps or self.policy.num_steps  # the first steps, those trained on
         n_steps = max(1, round(self.cfg.timestep_fraction * trained))
         stats: dict[str, list[float]] = {}
         for _ in range(self.cfg.inner_epochs):

@@ -47,7 +47,7 @@ class GradientProbe(DDPOAgent):
         if loss is not None:
             loss.backward()
         self.gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                   for p in self.params]).clone()
+                                   for p in self.params])
         self.optimizer.zero_grad(set_to_none=True)
         return float(self.gradient.norm())
 
