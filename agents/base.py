@@ -134,17 +134,28 @@ class Agent(ABC):
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(0)
+        self.engine = None  # DeepSpeed's ZeRO engine, when a DeepSpeed launch trains (`use_deepspeed`)
+        self._gathered_optimizer: list[dict] | None = None
 
     def shard_optimizer(self) -> None:
         """ZeRO stage 1 for a run of several processes (`shard_optimizer=true`): the same AdamW with
         each process keeping its share of the states, to fit full fine-tuning of a large UNet. Called
         before the first step, while AdamW holds no state yet."""
-        if type(self.optimizer) is not torch.optim.AdamW:
-            raise ValueError(f"shard_optimizer=true is invalid for agent={self.cfg.name}: it steps "
-                             f"{type(self.optimizer).__name__}, not the AdamW that can be sharded; "
-                             "use shard_optimizer=false")
+        _require_adamw(self, "shard_optimizer=true is invalid", "use shard_optimizer=false")
         self.optimizer = distributed.zero_optimizer(self.params, torch.optim.AdamW, lr=self.cfg.lr,
                                                     weight_decay=self.cfg.weight_decay)
+
+    def use_deepspeed(self, config: dict[str, Any]) -> None:
+        """Hand the gradient averaging, clipping and step to DeepSpeed's ZeRO engine (stage 1 or 2,
+        `distributed.deepspeed_config`) over this AdamW. The agents still call the UNet themselves
+        (sampling, guidance, the reference model): stages 1 and 2 keep every weight whole on every
+        process and reduce the gradients through hooks on the trainable parameters. Called before the
+        first step, while AdamW holds no state yet."""
+        _require_adamw(self, "DeepSpeed launches are invalid", "launch with --multi_gpu")
+        import deepspeed
+
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.policy.unet, optimizer=self.optimizer,
+                                                                 config=config)
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -182,13 +193,27 @@ class Agent(ABC):
     def update(self, rollout: Rollout) -> dict[str, float]:
         """Improve the policy on a rollout; return the losses and statistics to log."""
 
-    def optimizer_step(self, loss: torch.Tensor | None = None) -> float:
-        """Backward `loss` (or use gradients already accumulated), average them over the processes
-        of a multi-process run, clip, step, zero the gradients.
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one part of the coming optimizer step's loss; the step's last
+        part goes to `optimizer_step`."""
+        if self.engine is None:
+            loss.backward()
+            return
+        self.engine.set_gradient_accumulation_boundary(False)
+        self.engine.backward(loss)
+
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """Backward `loss`, the last part of the step's loss (earlier parts went to `backward`),
+        average the gradients over the processes of a multi-process run, clip, step, zero the
+        gradients.
 
         Returns the gradient norm before clipping."""
-        if loss is not None:
-            loss.backward()
+        if self.engine is not None:  # DeepSpeed reduces (over its partitions), clips, steps and zeroes
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.backward(loss)
+            self.engine.step()
+            return float(self.engine.get_global_grad_norm())
+        loss.backward()
         distributed.average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf)
         self.optimizer.step()
@@ -202,18 +227,55 @@ class Agent(ABC):
         return self.cfg.kl_coef * self.policy.kl_to_reference(latents, step_index, embeds).mean()
 
     # 3. state -----------------------------------------------------------------------------
+    def consolidate_optimizer(self) -> None:
+        """Before a checkpoint, on every process (a collective): bring a sharded optimizer's states to
+        rank 0, whose `state_dict()` then holds them all. A ZeroRedundancyOptimizer gathers them
+        itself; DeepSpeed's shards are kept as they are, one per rank, in rank order."""
+        if self.engine is None:
+            distributed.consolidate_optimizer(self.optimizer)
+        else:
+            self._gathered_optimizer = distributed.gather_to_main(self.optimizer.state_dict())
+
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that a resumed run needs to continue identically."""
+        if self.engine is None:
+            optimizer = self.optimizer.state_dict()
+        elif self._gathered_optimizer is None:
+            raise RuntimeError("a DeepSpeed run's optimizer states are sharded: call consolidate_optimizer() on "
+                               "every process first")
+        else:
+            optimizer, self._gathered_optimizer = self._gathered_optimizer, None
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "generator": self.generator.get_state(),
             "env": self.env.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load a `state_dict` (after the weights: DeepSpeed takes its float32 master copy from them)."""
+        optimizer = state["optimizer"]
+        sharded = isinstance(optimizer, list)  # DeepSpeed's shards, one per rank
+        if sharded != (self.engine is not None):
+            saved, now = ("a DeepSpeed", "without DeepSpeed") if sharded else ("a non-DeepSpeed", "with DeepSpeed")
+            raise ValueError(f"this checkpoint was saved by {saved} run and cannot resume {now}: its optimizer "
+                             "states are laid out differently; resume with the launch that saved it")
+        if sharded:
+            if len(optimizer) != distributed.world_size():
+                raise ValueError(f"this checkpoint's optimizer states are sharded over {len(optimizer)} DeepSpeed "
+                                 f"processes; resume it with {len(optimizer)}, not {distributed.world_size()}")
+            self.optimizer.load_state_dict(optimizer, load_from_fp32_weights=False)
+        else:
+            self.optimizer.load_state_dict(optimizer)
         self.generator.set_state(state["generator"])
         self.env.set_rng_state(state["env"])
+
+
+def _require_adamw(agent: Agent, refusal: str, instead: str) -> None:
+    """Sharding replaces the base agent's AdamW; an agent stepping another optimizer is refused
+    rather than trained unsharded."""
+    if type(agent.optimizer) is not torch.optim.AdamW:
+        raise ValueError(f"{refusal} for agent={agent.cfg.name}: it steps {type(agent.optimizer).__name__}, "
+                         f"not the AdamW that can be sharded; {instead}")
 
 
 def minibatches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -163,10 +163,13 @@ class DDPOAgent(Agent):
                         rollout.latents[idx][:, s].flatten(0, 1), rollout.latents[idx][:, s + 1].flatten(0, 1),
                         step_index, rollout.embeds[idx].repeat_interleave(k, 0),
                         rollout.log_probs[idx][:, s].flatten(), adv[idx].repeat_interleave(k))
-                    (loss * k / n_steps).backward()  # the mean over all sampled steps, accumulated
+                    part = loss * k / n_steps  # the mean over all sampled steps, accumulated
+                    if start + chunk < n_steps:
+                        self.backward(part)
+                    else:
+                        stats.setdefault("policy/grad_norm", []).append(self.optimizer_step(part))
                     for key, v in step_stats.items():
                         stats.setdefault(key, []).append(v)
-                stats.setdefault("policy/grad_norm", []).append(self.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/advantage_abs"] = adv.abs().mean().item()
         return out

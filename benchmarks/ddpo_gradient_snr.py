@@ -43,9 +43,8 @@ class GradientProbe(DDPOAgent):
 
     gradient: torch.Tensor
 
-    def optimizer_step(self, loss: torch.Tensor | None = None) -> float:
-        if loss is not None:
-            loss.backward()
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        loss.backward()
         self.gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                                    for p in self.params])
         self.optimizer.zero_grad(set_to_none=True)

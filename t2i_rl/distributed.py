@@ -18,6 +18,12 @@ steps its shard and broadcasts the updated weights, so the training is the same 
 twice the trainable weights in float32, take 1/N of the memory. Checkpoints gather the shards on
 rank 0 first (`consolidate_optimizer`); on resume every rank loads the whole state and keeps its shard.
 
+Under `accelerate launch --use_deepspeed --zero_stage 1|2` DeepSpeed's ZeRO engine takes over the
+gradient averaging, the clipping and the step (`deepspeed_config`, `Agent.use_deepspeed`): stage 2
+partitions the gradients as well as the optimizer states, and `offload_optimizer_device cpu` moves
+the states and the step to the CPU. Stage 3 (partitioned weights) is refused: sampling, the
+reference model and the checkpoints call the whole UNet outside the engine.
+
 In a one-process run every helper returns its input untouched and communicates nothing, so such
 a run computes exactly what it computed before these helpers existed.
 """
@@ -42,30 +48,81 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def deepspeed_launch() -> bool:
+    """Whether `accelerate launch --use_deepspeed` started this process."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def check_launcher() -> None:
-    """Refuse launches that shard the model (DeepSpeed ZeRO, FSDP): here every process holds whole
-    copies of the weights and `average_gradients` synchronizes them, so such a launch would
-    silently train without its sharding."""
-    for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(flag, "false").lower() == "true":
-            raise ValueError(f"{name} launches are not supported: t2i_rl.train averages the gradients of whole "
-                             "copies of the trainable weights itself (data parallel); launch with --multi_gpu "
-                             "(shard_optimizer=true shards the AdamW states, ZeRO stage 1)")
+    """Refuse FSDP launches: FSDP shards the weights, which sampling and the reference model use
+    whole outside any wrapper, so such a launch could not train as launched."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError("FSDP launches are not supported: sampling and the reference model call the whole UNet "
+                         "outside the FSDP wrapper; launch with --use_deepspeed --zero_stage 2 (gradients and "
+                         "optimizer states sharded) or --multi_gpu")
+
+
+def deepspeed_config(micro_batch_size: int, max_grad_norm: float) -> dict[str, Any]:
+    """The DeepSpeed config of this launch (accelerate's flags or `--deepspeed_config_file`), with the
+    values the agents decide filled in: the micro-batch, one micro-step per step as DeepSpeed counts
+    (the agents mark their own accumulation boundaries), the clipping norm, and torch's AdamW accepted
+    (also on an offloaded optimizer). Raises ValueError on settings this training cannot honour."""
+    try:
+        from accelerate.utils import DeepSpeedPlugin
+        import deepspeed  # noqa: F401  (only to fail here, before any work, when it is missing)
+    except ImportError as err:
+        raise ValueError(f"--use_deepspeed needs DeepSpeed: pip install deepspeed ({err})") from None
+    config = DeepSpeedPlugin().deepspeed_config
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (1, 2):
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported: use --zero_stage 1 (optimizer states "
+                         "sharded) or 2 (gradients too); stage 3 shards the weights, which sampling and the "
+                         "reference model use whole outside the engine")
+    for key in ("fp16", "bf16"):
+        if config.get(key, {}).get("enabled") in (True, "true"):
+            raise ValueError(f"DeepSpeed's {key} is not supported: the trainable weights stay in float32 and "
+                             f"model.dtype sets the compute precision (autocast); remove {key} from the DeepSpeed "
+                             "config or launch with --mixed_precision no")
+    if zero.get("offload_param", {}).get("device", "none") not in ("none", None):
+        raise ValueError("DeepSpeed's offload_param needs ZeRO stage 3, which is not supported; "
+                         "offload_optimizer is (--offload_optimizer_device cpu)")
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise ValueError(f"the DeepSpeed config's {key!r} section is not supported: the agent's AdamW "
+                             f"(agent.lr, agent.weight_decay) trains at a constant rate; remove {key!r}")
+    accumulation = config.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", 1):
+        raise ValueError(f"DeepSpeed gradient_accumulation_steps = {accumulation} is invalid: must be 1 or auto "
+                         "(each agent accumulates its own micro-batches; agent.train_batch_size sets the step)")
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping not in ("auto", max_grad_norm):
+        raise ValueError(f"DeepSpeed gradient_clipping = {clipping} differs from agent.max_grad_norm = "
+                         f"{max_grad_norm}: set one of them (the agent's is used when the launch says auto)")
+    world = launched_world_size()
+    config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=1,
+                  train_batch_size=micro_batch_size * world, gradient_clipping=float(max_grad_norm),
+                  zero_allow_untested_optimizer=True, zero_force_ds_cpu_optimizer=False)
+    return config
 
 
 def init(device: str) -> str:
-    """Join the launcher's process group (gloo on the CPU, NCCL on GPUs) when it started several
-    processes; return this process's device: `cuda` becomes `cuda:<local rank>`."""
+    """Join the launcher's process group (gloo on the CPU, NCCL on GPUs; through DeepSpeed's when it
+    launched) when it started several processes; return this process's device: `cuda` becomes
+    `cuda:<local rank>`."""
     if launched_world_size() == 1 or dist.is_initialized():
         return device
     from accelerate import PartialState
 
     wanted = torch.device(device)
-    state = PartialState(cpu=wanted.type == "cpu")
+    if deepspeed_launch():  # DeepSpeed joins the group itself; on the CPU it needs gloo named
+        state = PartialState(backend="gloo" if wanted.type == "cpu" else None)
+    else:
+        state = PartialState(cpu=wanted.type == "cpu")
     kind = state.distributed_type.name
-    if not kind.startswith("MULTI_"):
+    if not (kind.startswith("MULTI_") or kind == "DEEPSPEED"):
         raise ValueError(f"t2i_rl.train trains data-parallel over GPU or CPU processes; accelerate launched it as "
-                         f"{kind}: launch with --multi_gpu")
+                         f"{kind}: launch with --multi_gpu or --use_deepspeed")
     if wanted.type == "cpu":
         return "cpu"
     given = state.device
@@ -174,6 +231,16 @@ def gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """One picklable object from every rank, in rank order, on rank 0 only (None on the others):
+    for what only rank 0 writes, without a copy on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

@@ -74,6 +74,14 @@ def validate(cfg: DictConfig):
             raise ValueError(f"shard_optimizer = true is invalid for agent={cfg.agent.name} "
                              f"({cls.unshardable_optimizer_reason}); use shard_optimizer=false")
         local = agent_cfg.per_process(world)  # each process's share must be a valid config too
+        if distributed.deepspeed_launch():
+            if cls.unshardable_optimizer_reason:
+                raise ValueError(f"DeepSpeed launches are invalid for agent={cfg.agent.name} "
+                                 f"({cls.unshardable_optimizer_reason}); launch with --multi_gpu")
+            if cfg.shard_optimizer:
+                raise ValueError("shard_optimizer = true is invalid in a DeepSpeed launch: its ZeRO engine "
+                                 "shards the optimizer already; use shard_optimizer=false")
+            distributed.deepspeed_config(local.train_batch_size, local.max_grad_norm)
         if local.samples_per_epoch % cfg.env.batch_size:
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid with {world} "
                              f"processes: each process's share ({local.samples_per_epoch}) must be a multiple of "
@@ -94,7 +102,8 @@ class Trainer:
     its own seeds, gradients are averaged before every optimizer step, metrics are averaged over
     the ranks, and only rank 0 writes logs, sample grids and checkpoints; a resumed run loads the
     same checkpoint in every process, and each process its own random state from it. With
-    `shard_optimizer=true` each process keeps its share of the AdamW states (ZeRO stage 1).
+    `shard_optimizer=true` each process keeps its share of the AdamW states (ZeRO stage 1); under
+    `--use_deepspeed` DeepSpeed's ZeRO engine (stage 1 or 2) shards them and steps.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -125,7 +134,10 @@ class Trainer:
         self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
-        if cfg.shard_optimizer and world > 1:  # one process has nothing to shard: AdamW as it is
+        if distributed.deepspeed_launch() and world > 1:
+            self.agent.use_deepspeed(distributed.deepspeed_config(self.agent.cfg.train_batch_size,
+                                                                  self.agent.cfg.max_grad_norm))
+        elif cfg.shard_optimizer and world > 1:  # one process has nothing to shard: AdamW as it is
             self.agent.shard_optimizer()
         eval_source = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
         self.eval_prompts = make_prompt_source(eval_source)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed))
@@ -246,7 +258,7 @@ class Trainer:
         rank_rngs = distributed.gather_objects({"generator": self.agent.generator.get_state(),
                                                 "env": self.env.get_rng_state(), "torch": torch.get_rng_state()})
         # a sharded optimizer's states, every rank's shard, go to rank 0's agent.state_dict()
-        distributed.consolidate_optimizer(self.agent.optimizer)
+        self.agent.consolidate_optimizer()
         if not self.is_main:
             return
         state = {"epoch": epoch, "agent": self.agent.state_dict(), "torch_rng": torch.get_rng_state(),

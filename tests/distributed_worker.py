@@ -6,10 +6,11 @@
 - {"kind": "helpers", "out": PATH}: t2i_rl.distributed's gather, local_rows, average_gradients and
   mean_metrics on values that depend on the rank;
 - {"kind": "train", "overrides": [...], "reward": {...}, "out": PATH}: a Trainer on the composed
-  configs (the tiny models' reward in env.reward), fit; then its LoRA weights (named as in the
-  checkpoint's safetensors) before and after, its metrics, how many parameters' optimizer states
-  this rank holds, one more rollout's prompts and x_T, and the advantages of that rollout next to
-  those one process computes on every rank's samples (DDPO).
+  configs (the tiny models' reward in env.reward), fit; then its trained weights (LoRA or the whole
+  UNet, named as in the checkpoint's safetensors) before and after, its metrics, how many
+  parameters' optimizer states this rank holds and their size, its DeepSpeed ZeRO stage (0: none),
+  one more rollout's prompts and x_T, and the advantages of that rollout next to those one process
+  computes on every rank's samples (DDPO).
 """
 
 from __future__ import annotations
@@ -54,15 +55,20 @@ def train(job: dict) -> dict:
     cfg.env.reward = job["reward"]
     trainer = Trainer(cfg)
 
-    def lora() -> dict[str, torch.Tensor]:
-        weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(trainer.policy.unet))
-        return {k: v.detach().clone() for k, v in weights.items()}
+    def weights() -> dict[str, torch.Tensor]:
+        unet = trainer.policy.unet
+        trained = (unet.state_dict() if trainer.policy.lora_rank is None
+                   else convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+        return {k: v.detach().clone() for k, v in trained.items()}
 
-    initial = lora()
+    initial = weights()
     metrics = trainer.fit()
     agent = trainer.agent
-    local = getattr(agent.optimizer, "optim", agent.optimizer)  # a ZeroRedundancyOptimizer's own shard
-    out = {"initial": initial, "lora": lora(), "metrics": metrics, "optimizer_states": len(local.state)}
+    # the AdamW this rank steps: a ZeroRedundancyOptimizer's own shard, DeepSpeed's partition, or the whole
+    local = getattr(agent.optimizer, "optim", None) or getattr(agent.optimizer, "optimizer", agent.optimizer)
+    out = {"initial": initial, "weights": weights(), "metrics": metrics, "optimizer_states": len(local.state),
+           "optimizer_numel": sum(s["exp_avg"].numel() for s in local.state.values()),
+           "zero_stage": agent.engine.zero_optimization_stage() if agent.engine is not None else 0}
     tracker = copy.deepcopy(getattr(agent, "tracker", None))
     rollout = agent.collect()
     out["prompts"], out["x_T"] = rollout.prompts, rollout.latents[:, 0]

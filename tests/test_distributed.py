@@ -2,7 +2,8 @@
 models built from configs. Both ranks must end with the same weights, which trained; only rank 0
 writes; the ranks sample different prompts and noise; DDPO's advantages on every rank are one
 process's on the whole batch; a resumed two-process run equals one that did not stop; with
-shard_optimizer=true (ZeRO-1) each rank holds part of the AdamW states and trains the same weights."""
+shard_optimizer=true (ZeRO-1) each rank holds part of the AdamW states and trains the same weights;
+under `--use_deepspeed --zero_stage 2` DeepSpeed's engine trains those weights too."""
 
 import json
 import os
@@ -25,6 +26,7 @@ from t2i_rl.train import CONFIG_DIR, validate
 from tests.agents.test_train import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
+UNET_FILE = "diffusion_pytorch_model.safetensors"  # a fully fine-tuned checkpoint's unet/ (save_pretrained)
 WORKER = Path(__file__).with_name("distributed_worker.py")
 RANKS = (0, 1)
 DEFAULT_AGENTS = ("ddpo", "refl")  # a policy-gradient agent and a gradient-through-reward one
@@ -37,9 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+MULTI = ("--multi_gpu",)  # data parallel: the agents average the gradients
+DEEPSPEED = ("--use_deepspeed", "--zero_stage", "2")  # DeepSpeed's ZeRO-2 engine steps
+
+
+def launch(args: list[str], timeout: int = 600, launcher: tuple[str, ...] = MULTI) -> subprocess.CompletedProcess:
     """`accelerate launch` of 2 processes on this machine's CPU, one thread each."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -49,11 +55,11 @@ def launch(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_jobs(tmp: Path, jobs: list[dict]) -> dict[str, list[dict]]:
+def run_jobs(tmp: Path, jobs: list[dict], launcher: tuple[str, ...] = MULTI) -> dict[str, list[dict]]:
     """Run the worker's jobs in 2 processes; {out name: [rank 0's result, rank 1's]}."""
     path = tmp / "jobs.json"
     path.write_text(json.dumps([{**job, "out": str(tmp / job["out"])} for job in jobs]))
-    launch([str(WORKER), str(path)])
+    launch([str(WORKER), str(path)], launcher=launcher)
     return {job["out"]: [torch.load(tmp / f"{job['out']}.rank{r}.pt", weights_only=False) for r in RANKS]
             for job in jobs}
 
@@ -81,14 +87,15 @@ def check_agent_run(run_dir: Path, results: list[dict], epochs: int = 1, runs: i
     """Identical trained weights on both ranks; only rank 0 wrote (one event file per run in the
     folder, one metrics line per epoch), and its checkpoint holds them."""
     first, second = results
-    assert first["lora"].keys() == second["lora"].keys() and first["lora"]
-    for key, value in first["lora"].items():
-        assert torch.equal(value, second["lora"][key]), f"the ranks' weights differ at {key}"
-    assert any(not torch.equal(v, first["initial"][k]) for k, v in first["lora"].items()), "nothing trained"
+    assert first["weights"].keys() == second["weights"].keys() and first["weights"]
+    for key, value in first["weights"].items():
+        assert torch.equal(value, second["weights"][key]), f"the ranks' weights differ at {key}"
+    assert any(not torch.equal(v, first["initial"][k]) for k, v in first["weights"].items()), "nothing trained"
     assert first["metrics"] == second["metrics"]  # averaged over the ranks: the same numbers on both
-    saved = load_file(run_dir / "checkpoints" / "last" / LORA_FILE)
-    assert {k.removeprefix("unet."): v for k, v in saved.items()}.keys() == first["lora"].keys()
-    assert all(torch.equal(v, first["lora"][k.removeprefix("unet.")]) for k, v in saved.items())
+    last = run_dir / "checkpoints" / "last"
+    saved = load_file(last / LORA_FILE if (last / LORA_FILE).exists() else last / "unet" / UNET_FILE)
+    assert {k.removeprefix("unet."): v for k, v in saved.items()}.keys() == first["weights"].keys()
+    assert all(torch.equal(v, first["weights"][k.removeprefix("unet.")]) for k, v in saved.items())
     assert len(list((run_dir / "tb").iterdir())) == runs, "more than one process wrote TensorBoard events"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs + 1))  # + the final evaluation
@@ -129,8 +136,8 @@ def test_resumed_two_process_run_equals_one_that_did_not_stop(default_run):
     check_agent_run(tmp / "straight", results["straight"], epochs=2)
     check_agent_run(tmp / "resumed", results["resumed"], epochs=2, runs=2)
     for straight, resumed in zip(results["straight"], results["resumed"]):
-        for key, value in straight["lora"].items():
-            assert torch.equal(value, resumed["lora"][key]), key
+        for key, value in straight["weights"].items():
+            assert torch.equal(value, resumed["weights"][key]), key
         assert straight["prompts"] == resumed["prompts"]  # each rank continued its own random streams
         assert torch.equal(straight["x_T"], resumed["x_T"])
 
@@ -143,26 +150,69 @@ def test_sharded_optimizer_splits_the_states_and_trains_the_same_weights(default
     check_agent_run(tmp / "sharded_resumed", results["sharded_resumed"], epochs=2, runs=2)
     for run in ("straight", "sharded_straight", "sharded_resumed"):
         saved = torch.load(tmp / run / "checkpoints" / "last" / STATE_FILE, weights_only=False)
-        assert len(saved["agent"]["optimizer"]["state"]) == len(results["straight"][0]["lora"]), run
+        assert len(saved["agent"]["optimizer"]["state"]) == len(results["straight"][0]["weights"]), run
     held = [out["optimizer_states"] for out in results["sharded_straight"]]
-    assert [out["optimizer_states"] for out in results["straight"]] == [len(results["straight"][0]["lora"])] * 2
-    assert min(held) > 0 and sum(held) == len(results["straight"][0]["lora"])
+    assert [out["optimizer_states"] for out in results["straight"]] == [len(results["straight"][0]["weights"])] * 2
+    assert min(held) > 0 and sum(held) == len(results["straight"][0]["weights"])
     for plain, sharded, resumed in zip(results["straight"], results["sharded_straight"], results["sharded_resumed"]):
-        for key, value in sharded["lora"].items():
-            torch.testing.assert_close(value, plain["lora"][key])
-            assert torch.equal(value, resumed["lora"][key]), key
+        for key, value in sharded["weights"].items():
+            torch.testing.assert_close(value, plain["weights"][key])
+            assert torch.equal(value, resumed["weights"][key]), key
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tiny_assets, tmp_path_factory):
+    """One `--use_deepspeed --zero_stage 2` launch: DDPO for 2 epochs straight and 1 + 1 resumed, its
+    loss in one part per denoising step (the parts before the last accumulate without a step), ReFL
+    for one epoch, and DDPO fully fine-tuning the UNet for one."""
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    chunked = ("agent.step_chunk=1",)
+    jobs = [train_job(tiny_assets, tmp / "straight", "ddpo", "straight", 2, *chunked),
+            train_job(tiny_assets, tmp / "resumed", "ddpo", "first", 1, *chunked),
+            train_job(tiny_assets, tmp / "resumed", "ddpo", "resumed", 2, *chunked),
+            train_job(tiny_assets, tmp / "refl", "refl", "refl"),
+            train_job(tiny_assets, tmp / "full", "ddpo", "full", 1, "agent.lora_rank=null")]
+    return tmp, run_jobs(tmp, jobs, launcher=DEEPSPEED)
+
+
+def test_deepspeed_zero2_trains_the_weights_of_the_data_parallel_run(default_run, deepspeed_run):
+    """DeepSpeed's engine averages, clips and steps: the same weights as the agents' own data parallel
+    run, each rank stepping half of the AdamW states; the checkpoint keeps both halves, and a resumed
+    run equals one that did not stop."""
+    tmp, results = deepspeed_run
+    _, plain = default_run
+    check_agent_run(tmp / "straight", results["straight"], epochs=2)
+    check_agent_run(tmp / "resumed", results["resumed"], epochs=2, runs=2)
+    check_agent_run(tmp / "refl", results["refl"])
+    check_agent_run(tmp / "full", results["full"])  # full fine-tuning, what ZeRO is for
+    whole = sum(v.numel() for v in plain["straight"][0]["weights"].values())
+    assert [out["optimizer_numel"] for out in plain["straight"]] == [whole, whole]
+    for deepspeed, reference, resumed in zip(results["straight"], plain["straight"], results["resumed"]):
+        assert deepspeed["zero_stage"] == 2
+        assert 0 < deepspeed["optimizer_numel"] < whole  # this rank's partition (+ DeepSpeed's alignment padding)
+        for key, value in deepspeed["weights"].items():
+            # within a third of one AdamW step (lr 3e-4): the loss parts sum in another order, and
+            # AdamW's normalized step magnifies that rounding where a gradient is near 0
+            torch.testing.assert_close(value, reference["weights"][key], atol=1e-4, rtol=0)
+            assert torch.equal(value, resumed["weights"][key]), key
+    assert sum(out["optimizer_numel"] for out in results["straight"]) >= whole
+    saved = torch.load(tmp / "straight" / "checkpoints" / "last" / STATE_FILE, weights_only=False)
+    assert isinstance(saved["agent"]["optimizer"], list) and len(saved["agent"]["optimizer"]) == 2
 
 
 @pytest.mark.slow
-def test_every_other_agent_trains_in_two_processes(tiny_assets, tmp_path):
-    results = run_jobs(tmp_path, [train_job(tiny_assets, tmp_path / a, a, a) for a in SLOW_AGENTS])
-    for agent in SLOW_AGENTS:
+@pytest.mark.parametrize("launcher", [MULTI, DEEPSPEED], ids=["data_parallel", "deepspeed"])
+def test_every_other_agent_trains_in_two_processes(tiny_assets, tmp_path, launcher):
+    agents = [a for a in SLOW_AGENTS if launcher == MULTI or not agent_class(a).unshardable_optimizer_reason]
+    results = run_jobs(tmp_path, [train_job(tiny_assets, tmp_path / a, a, a) for a in agents], launcher)
+    for agent in agents:
         check_agent_run(tmp_path / agent, results[agent])
 
 
-def test_accelerate_launch_runs_the_training_command(tiny_assets, tmp_path):
+@pytest.mark.parametrize("launcher", [MULTI, DEEPSPEED], ids=["data_parallel", "deepspeed"])
+def test_accelerate_launch_runs_the_training_command(tiny_assets, tmp_path, launcher):
     overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run", "ddpo", "raw")
-    launch(["-m", "t2i_rl.train", *overrides, f"env.reward={{name:clip,path:'{reward['path']}'}}"])
+    launch(["-m", "t2i_rl.train", *overrides, f"env.reward={{name:clip,path:'{reward['path']}'}}"], launcher=launcher)
     run_dir = tmp_path / "run"
     assert (run_dir / "checkpoints" / "last" / LORA_FILE).is_file()
     assert len(list((run_dir / "tb").iterdir())) == 1
@@ -204,14 +254,79 @@ def test_validate_checks_the_shares_of_each_process(monkeypatch, overrides, mess
     validate(cfg)  # valid in one process
 
 
-@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
-def test_sharded_launches_are_refused(monkeypatch, flag, name):
+def test_fsdp_launches_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(flag, "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config")
-    with pytest.raises(ValueError, match=f"^{name} launches are not supported"):
+    with pytest.raises(ValueError, match="^FSDP launches are not supported"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("env, overrides, message", [
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, [], r"^DeepSpeed ZeRO stage 3 is not supported: use --zero_stage 1"),
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, [], r"^DeepSpeed's offload_param needs ZeRO stage 3"),
+    ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, [], r"^DeepSpeed gradient_accumulation_steps = 4 is invalid"),
+    ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, [], r"^DeepSpeed gradient_clipping = 0.5 differs from "
+                                                  r"agent.max_grad_norm = 1.0"),
+    ({}, ["agent=ddpo_trl"], r"^DeepSpeed launches are invalid for agent=ddpo_trl \(TRL's DDPOTrainer"),
+    ({}, ["shard_optimizer=true"], r"^shard_optimizer = true is invalid in a DeepSpeed launch"),
+])
+def test_deepspeed_launches_that_cannot_train_as_launched_are_refused(monkeypatch, env, overrides, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for key, value in {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", **env}.items():
+        monkeypatch.setenv(key, value)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with pytest.raises(ValueError, match=message):
+        validate(cfg)
+
+
+def test_deepspeed_config_file_sections_the_agents_decide_are_refused(monkeypatch, tmp_path):
+    from t2i_rl.distributed import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    for section, message in [({"optimizer": {"type": "Adam"}}, r"^the DeepSpeed config's 'optimizer' section"),
+                             ({"bf16": {"enabled": True}}, r"^DeepSpeed's bf16 is not supported")]:
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **section}))
+        with pytest.raises(ValueError, match=message):
+            deepspeed_config(2, 1.0)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}))
+    assert deepspeed_config(2, 1.0)["zero_optimization"]["stage"] == 2
+
+
+def test_deepspeed_config_takes_the_agents_batch_and_clipping(monkeypatch):
+    from t2i_rl.distributed import deepspeed_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    config = deepspeed_config(4, 0.5)
+    assert config["zero_optimization"]["stage"] == 1
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (4, 8)
+    assert (config["gradient_accumulation_steps"], config["gradient_clipping"]) == (1, 0.5)
+    assert config["zero_force_ds_cpu_optimizer"] is False  # torch's AdamW steps the offloaded states
+
+
+def test_checkpoints_resume_only_under_the_launch_that_saved_them():
+    from types import SimpleNamespace
+
+    from agents.base import Agent
+
+    agent = SimpleNamespace(engine=None, optimizer=None, generator=None, env=None)
+    with pytest.raises(ValueError, match=r"^this checkpoint was saved by a DeepSpeed run and cannot resume without"):
+        Agent.load_state_dict(agent, {"optimizer": [{}, {}], "generator": None, "env": None})
+    agent.engine = object()
+    with pytest.raises(ValueError, match=r"^this checkpoint was saved by a non-DeepSpeed run and cannot resume with "):
+        Agent.load_state_dict(agent, {"optimizer": {"state": {}}, "generator": None, "env": None})
+    with pytest.raises(ValueError, match=r"sharded over 2 DeepSpeed processes; resume it with 2, not 1$"):
+        Agent.load_state_dict(agent, {"optimizer": [{}, {}], "generator": None, "env": None})
 
 
 def test_eval_prompts_are_checked_per_process_share(monkeypatch):
