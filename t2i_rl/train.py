@@ -131,7 +131,9 @@ class Trainer:
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
         eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.num_prompts // world))
-        self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=cfg.env.prompts, **env_kwargs)
+        # the train env's prompt source (no second read of a prompt file): `evaluate` resets the eval env
+        # with a seed, which draws from it, so it also fixes the held-out x_T stream
+        self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=self.env.prompt_source, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
         if distributed.deepspeed_launch() and world > 1:
