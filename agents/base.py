@@ -120,8 +120,9 @@ class Agent(ABC):
     config_class: ClassVar[type[AgentConfig]] = AgentConfig
     # why the agent cannot train data-parallel over several processes (None: it can)
     single_process_reason: ClassVar[str | None] = None
-    # why `shard_optimizer=true` cannot shard the optimizer this agent steps (None: it can)
-    unshardable_optimizer_reason: ClassVar[str | None] = None
+    # why the agent steps an optimizer of its own rather than `optimizer_step`'s AdamW, which
+    # shard_optimizer, DeepSpeed and float16 loss scaling need (None: it uses `optimizer_step`)
+    own_optimizer_reason: ClassVar[str | None] = None
 
     def __init__(self, cfg: AgentConfig, env, policy) -> None:
         if cfg.samples_per_epoch % env.num_envs:
@@ -132,6 +133,9 @@ class Agent(ABC):
         self.policy = policy
         self.params = policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # a float16 UNet backpropagates in float16, where small gradients underflow to 0 unless the
+        # loss is scaled up first (a no-op for bfloat16 and float32, whose range needs none)
+        self.scaler = torch.amp.GradScaler(self.params[0].device.type, enabled=policy.computes_in_float16)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(0)
         self.engine = None  # DeepSpeed's ZeRO engine, when a DeepSpeed launch trains (`use_deepspeed`)
@@ -197,7 +201,7 @@ class Agent(ABC):
         """Accumulate the gradients of one part of the coming optimizer step's loss; the step's last
         part goes to `optimizer_step`."""
         if self.engine is None:
-            loss.backward()
+            self.scaler.scale(loss).backward()
             return
         self.engine.set_gradient_accumulation_boundary(False)
         self.engine.backward(loss)
@@ -207,16 +211,18 @@ class Agent(ABC):
         average the gradients over the processes of a multi-process run, clip, step, zero the
         gradients.
 
-        Returns the gradient norm before clipping."""
+        Returns the gradient norm before clipping (inf when a float16 step overflowed and was skipped)."""
         if self.engine is not None:  # DeepSpeed reduces (over its partitions), clips, steps and zeroes
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.backward(loss)
             self.engine.step()
             return float(self.engine.get_global_grad_norm())
-        loss.backward()
+        self.scaler.scale(loss).backward()
         distributed.average_gradients(self.params)
+        self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped, and the scale halved, when a gradient is inf or nan
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -247,6 +253,7 @@ class Agent(ABC):
             optimizer, self._gathered_optimizer = self._gathered_optimizer, None
         return {
             "optimizer": optimizer,
+            "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
             "env": self.env.get_rng_state(),
         }
@@ -266,6 +273,7 @@ class Agent(ABC):
             self.optimizer.load_state_dict(optimizer, load_from_fp32_weights=False)
         else:
             self.optimizer.load_state_dict(optimizer)
+        self.scaler.load_state_dict(state.get("scaler", {}))
         self.generator.set_state(state["generator"])
         self.env.set_rng_state(state["env"])
 

@@ -242,7 +242,7 @@ class TRLDDPOAgent(Agent):
 
     config_class = TRLDDPOConfig
     cfg: TRLDDPOConfig
-    unshardable_optimizer_reason = "TRL's DDPOTrainer builds and steps its own (accelerate-wrapped) optimizer"
+    own_optimizer_reason = "TRL's DDPOTrainer builds and steps its own (accelerate-wrapped) optimizer"
 
     def __init__(self, cfg: TRLDDPOConfig, env, policy) -> None:
         super().__init__(cfg, env, policy)

@@ -341,6 +341,7 @@ class SB3PPOAgent(Agent):
     config_class = SB3Config
     cfg: SB3Config
     single_process_reason = "Stable-Baselines3's PPO has no data-parallel training"
+    own_optimizer_reason = "Stable-Baselines3's PPO steps the optimizer of its policy"
 
     def __init__(self, cfg: SB3Config, env, policy) -> None:
         from stable_baselines3 import PPO

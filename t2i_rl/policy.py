@@ -191,6 +191,12 @@ class DiffusionPolicy:
     def device(self) -> torch.device:
         return self.unet.device
 
+    @property
+    def computes_in_float16(self) -> bool:
+        """Whether the UNet runs in float16 (LoRA over float16 weights; full fine-tuning is float32),
+        so that its backward pass needs loss scaling."""
+        return any(p.dtype == torch.float16 for p in self.unet.parameters())
+
     # ---------------------------------------------------------------- text
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

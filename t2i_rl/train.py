@@ -38,6 +38,12 @@ def check_overrides(argv: list[str]) -> None:
             raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}")
 
 
+def model_float16(model: DictConfig, agent_cfg) -> bool:
+    """Whether the UNet will run in float16: LoRA over float16 weights (full fine-tuning trains a
+    float32 UNet whatever model.dtype says)."""
+    return model.dtype == "float16" and agent_cfg.lora_rank is not None
+
+
 def validate(cfg: DictConfig):
     """Build and validate the agent config and the run settings; raise ValueError on bad values."""
     from agents import agent_class
@@ -47,6 +53,10 @@ def validate(cfg: DictConfig):
     agent_cfg = cls.config_class.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))
     check_model_config(cfg.model)
     world = distributed.launched_world_size()
+    if model_float16(cfg.model, agent_cfg) and cls.own_optimizer_reason:
+        raise ValueError(f"model.dtype = float16 is invalid for agent={cfg.agent.name} with LoRA: its float16 "
+                         f"gradients need loss scaling, which its optimizer loop does not do "
+                         f"({cls.own_optimizer_reason}); use model.dtype=bfloat16 or float32")
     for key, ok, rule in [
         ("epochs", cfg.epochs >= 1, ">= 1"),
         ("env.batch_size", cfg.env.batch_size >= 1, ">= 1"),
@@ -70,17 +80,20 @@ def validate(cfg: DictConfig):
         if cls.single_process_reason:
             raise ValueError(f"agent={cfg.agent.name} runs in one process; got {world} processes "
                              f"({cls.single_process_reason})")
-        if cfg.shard_optimizer and cls.unshardable_optimizer_reason:
+        if cfg.shard_optimizer and cls.own_optimizer_reason:
             raise ValueError(f"shard_optimizer = true is invalid for agent={cfg.agent.name} "
-                             f"({cls.unshardable_optimizer_reason}); use shard_optimizer=false")
+                             f"({cls.own_optimizer_reason}); use shard_optimizer=false")
         local = agent_cfg.per_process(world)  # each process's share must be a valid config too
         if distributed.deepspeed_launch():
-            if cls.unshardable_optimizer_reason:
+            if cls.own_optimizer_reason:
                 raise ValueError(f"DeepSpeed launches are invalid for agent={cfg.agent.name} "
-                                 f"({cls.unshardable_optimizer_reason}); launch with --multi_gpu")
+                                 f"({cls.own_optimizer_reason}); launch with --multi_gpu")
             if cfg.shard_optimizer:
                 raise ValueError("shard_optimizer = true is invalid in a DeepSpeed launch: its ZeRO engine "
                                  "shards the optimizer already; use shard_optimizer=false")
+            if model_float16(cfg.model, agent_cfg):
+                raise ValueError("model.dtype = float16 with LoRA is invalid in a DeepSpeed launch: the engine "
+                                 "steps unscaled float16 gradients; use model.dtype=bfloat16 or float32")
             distributed.deepspeed_config(local.train_batch_size, local.max_grad_norm)
         if local.samples_per_epoch % cfg.env.batch_size:
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid with {world} "

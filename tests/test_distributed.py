@@ -203,7 +203,7 @@ def test_deepspeed_zero2_trains_the_weights_of_the_data_parallel_run(default_run
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", [MULTI, DEEPSPEED], ids=["data_parallel", "deepspeed"])
 def test_every_other_agent_trains_in_two_processes(tiny_assets, tmp_path, launcher):
-    agents = [a for a in SLOW_AGENTS if launcher == MULTI or not agent_class(a).unshardable_optimizer_reason]
+    agents = [a for a in SLOW_AGENTS if launcher == MULTI or not agent_class(a).own_optimizer_reason]
     results = run_jobs(tmp_path, [train_job(tiny_assets, tmp_path / a, a, a) for a in agents], launcher)
     for agent in agents:
         check_agent_run(tmp_path / agent, results[agent])
@@ -271,6 +271,7 @@ def test_fsdp_launches_are_refused(monkeypatch):
                                                   r"agent.max_grad_norm = 1.0"),
     ({}, ["agent=ddpo_trl"], r"^DeepSpeed launches are invalid for agent=ddpo_trl \(TRL's DDPOTrainer"),
     ({}, ["shard_optimizer=true"], r"^shard_optimizer = true is invalid in a DeepSpeed launch"),
+    ({}, ["model.dtype=float16"], r"^model.dtype = float16 with LoRA is invalid in a DeepSpeed launch"),
 ])
 def test_deepspeed_launches_that_cannot_train_as_launched_are_refused(monkeypatch, env, overrides, message):
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -281,3 +281,52 @@ def test_trainer_trains_lora_in_float32_on_a_bf16_sd_pipeline(sd_folders, clip_r
         assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert rollout.latents.shape == (2, 4, 4, 8, 8) and rollout.images.shape == (2, 3, RESOLUTION, RESOLUTION)
     assert 0 <= rollout.images.min() and rollout.images.max() <= 1
+
+
+# ---------------------------------------------------------------------- float16: loss scaling
+def test_float16_lora_scales_the_loss_and_trains(sd_folders, clip_reward, tmp_path):
+    """float16 weights backpropagate in float16, whose small gradients underflow: the agent scales
+    the loss (GradScaler), unscales before clipping, and the LoRA weights train in float32."""
+    trainer = Trainer(sd_cfg("sd15", sd_folders["sd15"], tmp_path / "run", clip_reward,
+                             overrides=["model.dtype=float16"]))
+    agent = trainer.agent
+    assert trainer.policy.computes_in_float16 and agent.scaler.is_enabled()
+    before = [p.detach().clone() for p in agent.params]
+    metrics = trainer.fit()
+    assert 0 < metrics["policy/grad_norm"] < float("inf")  # unscaled: the gradient's own norm
+    assert agent.scaler.get_scale() == 2.0 ** 16  # no overflow in one step, the initial scale
+    assert any(not torch.equal(p, b) for p, b in zip(agent.params, before))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in agent.params)
+
+
+def test_float16_step_with_an_overflow_is_skipped_and_the_scale_halved(sd_folders, clip_reward):
+    from agents.ddpo import DDPOAgent, DDPOConfig
+    from envs import DenoiseVectorEnv
+
+    pipe = load_pipeline(str(sd_folders["sd15"]), dtype=torch.float16)
+    env = DenoiseVectorEnv(num_envs=2, pipeline=pipe, reward=clip_reward, gold=None, num_steps=2, prompts=PROMPTS,
+                           resolution=RESOLUTION)
+    agent = DDPOAgent(DDPOConfig(samples_per_epoch=2, train_batch_size=2), env, env.policy(lora_rank=4))
+    before = [p.detach().clone() for p in agent.params]
+    overflow = agent.params[0].sum() * float("inf")
+    assert agent.optimizer_step(overflow) == float("inf")
+    assert all(torch.equal(p, b) for p, b in zip(agent.params, before))  # skipped
+    assert agent.scaler.get_scale() == 2.0 ** 15 and all(p.grad is None for p in agent.params)
+    assert 0 < agent.optimizer_step(sum(p.square().sum() for p in agent.params) + agent.params[0].sum()) < 1e3
+    assert any(not torch.equal(p, b) for p, b in zip(agent.params, before))
+
+
+def test_bfloat16_and_full_finetuning_need_no_loss_scaling(sd_folders):
+    for dtype, rank in ((torch.bfloat16, 4), (torch.float16, None)):
+        policy = DiffusionPolicy(load_pipeline(str(sd_folders["sd15"]), dtype=dtype), num_steps=2, lora_rank=rank)
+        assert not policy.computes_in_float16, (dtype, rank)
+
+
+@pytest.mark.parametrize("agent", ["ddpo_trl", "sb3"])
+def test_float16_lora_is_refused_for_agents_that_step_their_own_optimizer(agent):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"agent={agent}", "model=sd15", "model.dtype=float16",
+                                                       "agent.lora_rank=4"])
+    with pytest.raises(ValueError, match=rf"^model.dtype = float16 is invalid for agent={agent} with LoRA: its "
+                                         r"float16 gradients need loss scaling"):
+        validate(cfg)
