@@ -236,12 +236,25 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def gather_to_main(obj: Any) -> list[Any] | None:
     """One picklable object from every rank, in rank order, on rank 0 only (None on the others):
-    for what only rank 0 writes, without a copy on every rank."""
+    for what only rank 0 writes, without a copy on every rank. Its tensors travel on the CPU, so
+    that rank 0 does not unpickle another rank's GPU tensors onto that rank's GPU."""
     if world_size() == 1:
         return [obj]
     out: list[Any] | None = [None] * world_size() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(_to_cpu(obj), out, dst=0)
     return out
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_to_cpu(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def gather_list(items: list) -> list:

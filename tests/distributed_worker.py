@@ -3,8 +3,8 @@
 `python tests/distributed_worker.py JOBS.json` runs, in this rank, every job of the file in order
 (every rank runs the same jobs: each is a collective) and writes what the test compares to
 `<out>.rank<R>.pt`:
-- {"kind": "helpers", "out": PATH}: t2i_rl.distributed's gather, local_rows, average_gradients and
-  mean_metrics on values that depend on the rank;
+- {"kind": "helpers", "out": PATH}: t2i_rl.distributed's gather, gather_to_main, local_rows,
+  average_gradients and mean_metrics on values that depend on the rank;
 - {"kind": "train", "overrides": [...], "reward": {...}, "out": PATH}: a Trainer on the composed
   configs (the tiny models' reward in env.reward), fit; then its trained weights (LoRA or the whole
   UNet, named as in the checkpoint's safetensors) before and after, its metrics, how many
@@ -39,6 +39,7 @@ def helpers() -> dict:
         "grads": [both.grad, one.grad, none.grad],
         "metrics": distributed.mean_metrics({"a": float(r), **({"b": 5.0} if r == 0 else {})}),
         "seeds": distributed.gather_objects(distributed.rank_seed(7)),
+        "to_main": distributed.gather_to_main({"rank": torch.tensor([r])}),
     }
 
 

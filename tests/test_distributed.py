@@ -116,6 +116,8 @@ def test_helpers_gather_and_average_over_the_ranks(default_run):
         assert none is None  # no rank had one: AdamW skips it, as in one process
         assert out["metrics"] == {"a": 0.5, "b": 5.0}  # b: the mean over the ranks that report it
         assert out["seeds"][0] == 7 and out["seeds"][1] != 7  # rank 0 keeps the run's seed
+    ranks = [part["rank"].tolist() for part in results["helpers"][0]["to_main"]]
+    assert ranks == [[0], [1]] and results["helpers"][1]["to_main"] is None  # only rank 0 receives
 
 
 @pytest.mark.parametrize("agent", DEFAULT_AGENTS)
