@@ -1,9 +1,10 @@
 """Stable Diffusion 1.5 and 2.1 through `model=sd15` / `model=sd21`, on their architectures scaled down.
 
 No weights can be downloaded here, so each pipeline is built from the checkpoint's own component
-configs (the values of its config.json files) with tiny widths, saved with `save_pretrained`, and
-loaded back by the Trainer through `load_pipeline` with `model.pipeline=<folder>`: the code path of
-the real checkpoints, in bfloat16, with SDPA attention, gradient checkpointing and VAE slicing.
+configs (the values of its config.json files, t2i_rl/sd_architectures.py) with tiny widths, saved
+with `save_pretrained`, and loaded back by the Trainer through `load_pipeline` with
+`model.pipeline=<folder>`: the code path of the real checkpoints, in bfloat16, with SDPA attention,
+gradient checkpointing and VAE slicing.
 """
 
 import json
@@ -11,52 +12,23 @@ import shutil
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from hydra import compose, initialize_config_dir
-from transformers import CLIPTextModel
 
-from t2i_rl.models import build_tokenizer, load_pipeline, text_encoder_config
+from t2i_rl.models import load_pipeline
 from t2i_rl.policy import DiffusionPolicy
+from t2i_rl.sd_architectures import save_random_sd
 from t2i_rl.train import CONFIG_DIR, Trainer, group_options, precheck, validate
 
-# stable-diffusion-v1-5: unet/config.json, vae/config.json, text_encoder/config.json, scheduler_config.json
-SD15_UNET = dict(
-    act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
-    cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
-SD_VAE = dict(
-    act_fn="silu", block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
-    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-)
-SD15_TEXT = dict(hidden_act="quick_gelu")
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None, "clip_sample": False,
-}
-# stabilityai/stable-diffusion-2-1 (768, v-prediction): what differs from SD 1.5
-SD21_UNET = {**SD15_UNET, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
-             "use_linear_projection": True, "upcast_attention": True, "sample_size": 96}
-SD21_TEXT = dict(hidden_act="gelu")
-SD21_SCHEDULER = {
-    "_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-}
 # the scaled-down sizes: widths / 20 (/ 16 for SD 2.1, whose 5, 10, 20 heads must divide them); 64x64 images
 TINY = {
-    "sd15": dict(unet={**SD15_UNET, "block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8},
-                 text=SD15_TEXT, text_hidden=32, scheduler=(PNDMScheduler, SD15_SCHEDULER)),
-    "sd21": dict(unet={**SD21_UNET, "block_out_channels": (20, 40, 80, 80), "norm_num_groups": 10},
-                 text=SD21_TEXT, text_hidden=40, scheduler=(DDIMScheduler, SD21_SCHEDULER)),
+    "sd15": dict(unet={"block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8},
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "sd21": dict(unet={"block_out_channels": (20, 40, 80, 80), "norm_num_groups": 10},
+                 text=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)),
 }
-TINY_VAE = {**SD_VAE, "block_out_channels": (8, 16, 32, 32), "norm_num_groups": 8}
+TINY_VAE = {"block_out_channels": (8, 16, 32, 32), "norm_num_groups": 8}
 RESOLUTION = 64  # 8x8 latents: SD's three UNet downsamplings take them to 1x1
 PROMPTS = ["two red circles on a white background", "one blue square on a black background"]
 
@@ -64,26 +36,8 @@ PROMPTS = ["two red circles on a white background", "one blue square on a black 
 @pytest.fixture(scope="module")
 def sd_folders(tmp_path_factory):
     """{"sd15": folder, "sd21": folder}: tiny SD pipelines saved with save_pretrained."""
-    tokenizer = build_tokenizer()
     root = tmp_path_factory.mktemp("sd")
-    folders = {}
-    for name, tiny in TINY.items():
-        torch.manual_seed(0)
-        text_config = text_encoder_config(tokenizer, tiny["text_hidden"], layers=2)
-        text_config.update(tiny["text"])
-        scheduler_class, scheduler_config = tiny["scheduler"]
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**TINY_VAE),
-            text_encoder=CLIPTextModel(text_config),
-            tokenizer=tokenizer,
-            unet=UNet2DConditionModel(**{**tiny["unet"], "cross_attention_dim": tiny["text_hidden"],
-                                         "sample_size": RESOLUTION // 8}),
-            scheduler=scheduler_class.from_config(scheduler_config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe.save_pretrained(root / name, safe_serialization=True)
-        folders[name] = root / name
-    return folders
+    return {name: save_random_sd(name, root / name, RESOLUTION, vae=TINY_VAE, **tiny) for name, tiny in TINY.items()}
 
 
 @pytest.fixture(scope="module")
