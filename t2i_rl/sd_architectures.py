@@ -45,6 +45,15 @@ SD21_SCHEDULER = {
     "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
     "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
 }
+# scaled down for CPU tests (`save_random_sd(name, path, 64, **SCALED_DOWN[name])`): widths / 20 (/ 16 for
+# SD 2.1, whose 5, 10, 20 heads must divide them), with SD's layout of blocks, layers and heads kept
+SCALED_DOWN_VAE = {"block_out_channels": (8, 16, 32, 32), "norm_num_groups": 8}
+SCALED_DOWN = {
+    "sd15": dict(unet={"block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8}, vae=SCALED_DOWN_VAE,
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "sd21": dict(unet={"block_out_channels": (20, 40, 80, 80), "norm_num_groups": 10}, vae=SCALED_DOWN_VAE,
+                 text=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)),
+}
 ARCHITECTURES = {
     "sd15": (SD15_UNET, SD15_TEXT, PNDMScheduler, SD15_SCHEDULER),
     "sd21": (SD21_UNET, SD21_TEXT, DDIMScheduler, SD21_SCHEDULER),

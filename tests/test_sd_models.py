@@ -18,17 +18,9 @@ from hydra import compose, initialize_config_dir
 
 from t2i_rl.models import load_pipeline
 from t2i_rl.policy import DiffusionPolicy
-from t2i_rl.sd_architectures import save_random_sd
+from t2i_rl.sd_architectures import SCALED_DOWN, save_random_sd
 from t2i_rl.train import CONFIG_DIR, Trainer, group_options, precheck, validate
 
-# the scaled-down sizes: widths / 20 (/ 16 for SD 2.1, whose 5, 10, 20 heads must divide them); 64x64 images
-TINY = {
-    "sd15": dict(unet={"block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8},
-                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
-    "sd21": dict(unet={"block_out_channels": (20, 40, 80, 80), "norm_num_groups": 10},
-                 text=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)),
-}
-TINY_VAE = {"block_out_channels": (8, 16, 32, 32), "norm_num_groups": 8}
 RESOLUTION = 64  # 8x8 latents: SD's three UNet downsamplings take them to 1x1
 PROMPTS = ["two red circles on a white background", "one blue square on a black background"]
 
@@ -37,7 +29,7 @@ PROMPTS = ["two red circles on a white background", "one blue square on a black 
 def sd_folders(tmp_path_factory):
     """{"sd15": folder, "sd21": folder}: tiny SD pipelines saved with save_pretrained."""
     root = tmp_path_factory.mktemp("sd")
-    return {name: save_random_sd(name, root / name, RESOLUTION, vae=TINY_VAE, **tiny) for name, tiny in TINY.items()}
+    return {name: save_random_sd(name, root / name, RESOLUTION, **SCALED_DOWN[name]) for name in SCALED_DOWN}
 
 
 @pytest.fixture(scope="module")

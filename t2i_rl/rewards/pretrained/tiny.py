@@ -62,6 +62,15 @@ def _make_cosines_positive(model: CLIPModel, tokenizer) -> None:
         model.visual_projection.weight.neg_()
 
 
+def save_clip_folder(model: CLIPModel, tokenizer, path: str | os.PathLike) -> None:
+    """A CLIP reward's folder as `from_pretrained` reads it: the model, its tokenizer and an image
+    processor for the model's image size."""
+    size = model.config.vision_config.image_size
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
+
+
 def _blip_text(tokenizer: BertTokenizer) -> dict:
     return dict(vocab_size=len(tokenizer), hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=2 * WIDTH, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
@@ -84,10 +93,7 @@ def save_tiny_reward(name: str, path: str | os.PathLike, seed: int = 0) -> Path:
         model, tokenizer = _tiny_clip(seed)
         if name == "clipscore":
             _make_cosines_positive(model, tokenizer)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop).save_pretrained(path)
+        save_clip_folder(model, tokenizer, path)
         if name == "aesthetic":
             head = RewardMLP(model.config.projection_dim)
             weights = {k: v.contiguous() for k, v in head.state_dict().items()}
