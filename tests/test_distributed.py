@@ -166,14 +166,17 @@ def test_sharded_optimizer_splits_the_states_and_trains_the_same_weights(default
 def deepspeed_run(tiny_assets, tmp_path_factory):
     """One `--use_deepspeed --zero_stage 2` launch: DDPO for 2 epochs straight and 1 + 1 resumed, its
     loss in one part per denoising step (the parts before the last accumulate without a step), ReFL
-    for one epoch on bfloat16 frozen weights (float32 LoRA), and DDPO fully fine-tuning the UNet."""
+    for one epoch on bfloat16 frozen weights (float32 LoRA), and DDPO fully fine-tuning the UNet with
+    gradient checkpointing (ZeRO-2 reduces each gradient once per backward: recomputation must not
+    produce a second one)."""
     tmp = tmp_path_factory.mktemp("deepspeed")
     chunked = ("agent.step_chunk=1",)
     jobs = [train_job(tiny_assets, tmp / "straight", "ddpo", "straight", 2, *chunked),
             train_job(tiny_assets, tmp / "resumed", "ddpo", "first", 1, *chunked),
             train_job(tiny_assets, tmp / "resumed", "ddpo", "resumed", 2, *chunked),
             train_job(tiny_assets, tmp / "refl", "refl", "refl", 1, "model.dtype=bfloat16"),
-            train_job(tiny_assets, tmp / "full", "ddpo", "full", 1, "agent.lora_rank=null")]
+            train_job(tiny_assets, tmp / "full", "ddpo", "full", 1, "agent.lora_rank=null",
+                      "model.gradient_checkpointing=true")]
     return tmp, run_jobs(tmp, jobs, launcher=DEEPSPEED)
 
 
