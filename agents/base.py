@@ -156,6 +156,9 @@ class Agent(ABC):
         process and reduce the gradients through hooks on the trainable parameters. Called before the
         first step, while AdamW holds no state yet."""
         _require_adamw(self, "DeepSpeed launches are invalid", "launch with --multi_gpu")
+        if self.scaler.is_enabled():
+            raise ValueError("DeepSpeed launches are invalid for a float16 UNet: the engine would step unscaled "
+                             "float16 gradients; use model.dtype=bfloat16 or float32")
         import deepspeed
 
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.policy.unet, optimizer=self.optimizer,

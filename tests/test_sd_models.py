@@ -260,6 +260,8 @@ def test_float16_step_with_an_overflow_is_skipped_and_the_scale_halved(sd_folder
     assert agent.scaler.get_scale() == 2.0 ** 15 and all(p.grad is None for p in agent.params)
     assert 0 < agent.optimizer_step(sum(p.square().sum() for p in agent.params) + agent.params[0].sum()) < 1e3
     assert any(not torch.equal(p, b) for p, b in zip(agent.params, before))
+    with pytest.raises(ValueError, match=r"^DeepSpeed launches are invalid for a float16 UNet"):
+        agent.use_deepspeed({})  # refused before DeepSpeed is touched
 
 
 def test_bfloat16_and_full_finetuning_need_no_loss_scaling(sd_folders):
