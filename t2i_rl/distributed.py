@@ -62,6 +62,24 @@ def check_launcher() -> None:
                          "optimizer states sharded) or --multi_gpu")
 
 
+PRECISION_FLAGS = {"fp16": "float16", "bf16": "bfloat16"}  # accelerate's --mixed_precision -> model.dtype
+
+
+def check_precision(model_dtype: str) -> None:
+    """Refuse an `accelerate launch --mixed_precision` that disagrees with model.dtype, which is what
+    sets the precision here (the frozen weights in it, what trains in float32), rather than
+    silently train in another precision than the launch asked for."""
+    flag = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if flag in ("no", "") or PRECISION_FLAGS.get(flag) == model_dtype:
+        return
+    if flag not in PRECISION_FLAGS:
+        raise ValueError(f"accelerate launch --mixed_precision {flag} is not supported: model.dtype sets the "
+                         "precision (float32, bfloat16 or float16); launch with --mixed_precision no")
+    raise ValueError(f"accelerate launch --mixed_precision {flag} disagrees with model.dtype = {model_dtype}, which "
+                     f"sets the precision here: pass model.dtype={PRECISION_FLAGS[flag]} or launch with "
+                     "--mixed_precision no")
+
+
 def deepspeed_config(micro_batch_size: int, max_grad_norm: float) -> dict[str, Any]:
     """The DeepSpeed config of this launch (accelerate's flags or `--deepspeed_config_file`), with the
     values the agents decide filled in: the micro-batch, one micro-step per step as DeepSpeed counts

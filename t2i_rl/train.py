@@ -53,6 +53,7 @@ def validate(cfg: DictConfig):
     agent_cfg = cls.config_class.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))
     check_model_config(cfg.model)
     world = distributed.launched_world_size()
+    distributed.check_precision(cfg.model.dtype)
     if model_float16(cfg.model, agent_cfg) and cls.own_optimizer_reason:
         raise ValueError(f"model.dtype = float16 is invalid for agent={cfg.agent.name} with LoRA: its float16 "
                          f"gradients need loss scaling, which its optimizer loop does not do "

@@ -305,6 +305,23 @@ def test_deepspeed_config_file_sections_the_agents_decide_are_refused(monkeypatc
     assert deepspeed_config(2, 1.0)["zero_optimization"]["stage"] == 2
 
 
+@pytest.mark.parametrize("flag, dtype, message", [
+    ("no", "float32", None), ("bf16", "bfloat16", None), ("fp16", "float16", None),
+    ("bf16", "float32", r"^accelerate launch --mixed_precision bf16 disagrees with model.dtype = float32, which "
+                        r"sets the precision here: pass model.dtype=bfloat16 or launch with --mixed_precision no$"),
+    ("fp8", "float32", r"^accelerate launch --mixed_precision fp8 is not supported"),
+])
+def test_a_launch_precision_must_agree_with_model_dtype(monkeypatch, flag, dtype, message):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", flag)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model.dtype={dtype}"])
+    if message is None:
+        validate(cfg)
+    else:
+        with pytest.raises(ValueError, match=message):
+            validate(cfg)
+
+
 def test_deepspeed_config_takes_the_agents_batch_and_clipping(monkeypatch):
     from t2i_rl.distributed import deepspeed_config
 
