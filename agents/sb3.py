@@ -19,9 +19,11 @@ algorithms written elsewhere run on our environments unchanged.
 
 (`FiniteActionBounds`: SB3 asserts finite Box bounds; our action Box is unbounded.)
 
-`SB3PPOAgent` lets the Trainer run it: `collect()` samples a rollout with the base class (for the
-Trainer's reward/gold diagnostics), `update()` runs `PPO.learn` for `samples_per_epoch` episodes on a
-numpy env built on the Trainer env's pipeline, reward and sampler settings.
+`SB3PPOAgent` lets the Trainer run it, one iteration of `PPO.learn` per epoch split in its two
+halves: `collect()` is PPO's `collect_rollouts` of `samples_per_epoch` episodes through the gym API
+(on a numpy env built on the Trainer env's pipeline, reward and sampler settings), handed to the
+Trainer's diagnostics as a Rollout; `update()` is PPO's `train()` on that rollout buffer. So the
+diagnostics see exactly the samples PPO trains on, and an epoch samples once.
 """
 
 from __future__ import annotations
@@ -88,6 +90,27 @@ class FiniteActionBounds(gym.Wrapper):
         big = np.finfo(np.float32).max
         self.action_space = spaces.Box(np.maximum(space.low, -big), np.minimum(space.high, big),
                                        space.shape, np.float32)
+
+
+class EpisodeRecorder(gym.Wrapper):
+    """The same env, keeping what SB3's rollout buffer does not hold of each finished episode: its
+    prompt, final image, reward and info (reward components, gold verdicts), for the Trainer's
+    diagnostics. `take()` returns them and starts a new list."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.episodes: list[dict[str, Any]] = []
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            image = self.env.unwrapped.torch_env.vec.images[0].detach().float().cpu()
+            self.episodes.append({"reward": float(reward), "image": image, "info": dict(info)})
+        return obs, reward, terminated, truncated, info
+
+    def take(self) -> list[dict[str, Any]]:
+        episodes, self.episodes = self.episodes, []
+        return episodes
 
 
 class FixedStdDiagGaussian(DiagGaussianDistribution):
@@ -270,9 +293,6 @@ class SB3Config(AgentConfig):
     name: str = field(default="sb3", metadata={"help": "the agent's name (its file in agents/)"})
     lr: float = field(default=1e-5, metadata={"help": "Adam(W) learning rate of SB3's optimizer (LoRA and "
                                                       "value head); small: the log-prob sums over every latent"})
-    n_steps: int | None = field(default=None, metadata={
-        "help": "SB3 rollout length in transitions (a multiple of env.num_steps, so rollouts end with "
-                "episodes); null: samples_per_epoch * env.num_steps (one PPO update per epoch)"})
     batch_size: int | None = field(default=None, metadata={
         "help": "SB3 minibatch size in transitions; null: train_batch_size * env.num_steps"})
     n_epochs: int = field(default=1, metadata={"help": "PPO passes over each SB3 rollout"})
@@ -294,7 +314,6 @@ class SB3Config(AgentConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         checks = [
-            ("n_steps", self.n_steps is None or _is_int(self.n_steps) and self.n_steps >= 1, ">= 1 or null"),
             ("batch_size", self.batch_size is None or _is_int(self.batch_size) and self.batch_size >= 1,
              ">= 1 or null"),
             ("n_epochs", _is_int(self.n_epochs) and self.n_epochs >= 1, "an int >= 1"),
@@ -354,10 +373,7 @@ class SB3PPOAgent(Agent):
         T = policy.num_steps
         if env.num_steps != T:
             raise ValueError(f"env.num_steps ({env.num_steps}) != the policy's num_steps ({T})")
-        self.n_steps = cfg.n_steps if cfg.n_steps is not None else cfg.samples_per_epoch * T
-        if self.n_steps % T:
-            raise ValueError(f"agent.n_steps ({self.n_steps}) must be a multiple of the episode length "
-                             f"env.num_steps ({T}), so that every SB3 rollout ends with its episodes")
+        self.n_steps = cfg.samples_per_epoch * T  # one SB3 rollout per epoch, of whole episodes
         self.batch_size = cfg.batch_size if cfg.batch_size is not None else cfg.train_batch_size * T
         if cfg.normalize_advantage and self.batch_size < 2:
             raise ValueError(f"agent.batch_size ({self.batch_size} transitions) must be >= 2 with "
@@ -366,7 +382,8 @@ class SB3PPOAgent(Agent):
         self.numpy_env = NumpyDenoise(DenoiseEnv(
             pipeline=env.pipe, reward=env.reward_fn, gold=env.gold_fn, num_steps=env.num_steps,
             guidance_scale=env.guidance_scale, eta=env.eta, prompts=env.prompt_source, device=env.device))
-        self.monitor = Monitor(FiniteActionBounds(self.numpy_env))
+        self.recorder = EpisodeRecorder(FiniteActionBounds(self.numpy_env))
+        self.monitor = Monitor(self.recorder)
         self.vec_env = DummyVecEnv([lambda: self.monitor])
         self.model = PPO(
             DiffusionActorCriticPolicy, self.vec_env,
@@ -384,6 +401,7 @@ class SB3PPOAgent(Agent):
         self.params = list(self.model.policy.parameters())
         self._seeded = False
         self._episodes_seen = 0
+        self._collected = False  # PPO's buffer holds a rollout that `update` has not trained on
 
     def seed(self, seed: int) -> None:
         super().seed(seed)
@@ -394,15 +412,54 @@ class SB3PPOAgent(Agent):
         np.random.seed(seed)  # SB3 shuffles its rollout buffer with numpy's global generator
         self._seeded = True
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        """`PPO.learn` for samples_per_epoch episodes of the SB3 env; SB3's last logged losses."""
+    def collect(self, prompts: list[str] | None = None) -> Rollout:
+        """PPO's own collection, the first half of a `PPO.learn` iteration: `collect_rollouts` of
+        samples_per_epoch episodes into its rollout buffer, through the gym API, returned as a
+        Rollout (log-probs summed over the latent, as SB3 computes them). With `prompts` (held-out
+        evaluation) the base class's episodes with the current policy, outside PPO."""
+        if prompts is not None:
+            return super().collect(prompts)
         if not self._seeded:  # from the agent's generator, which the Trainer seeds
             self._seed_sb3(int(torch.randint(2**31 - 1, (1,), generator=self.generator)))
-        # every update starts a fresh episode from the env's random state (what a resume restores)
-        self.model._last_obs = self.vec_env.reset()
-        self.model._last_episode_starts = np.ones((self.vec_env.num_envs,), dtype=bool)
-        self.model.learn(total_timesteps=self.cfg.samples_per_epoch * self.policy.num_steps,
-                         reset_num_timesteps=False, log_interval=None)
+        model = self.model
+        # every epoch starts a fresh episode from the env's random state (what a resume restores)
+        model._last_obs = self.vec_env.reset()
+        model._last_episode_starts = np.ones((self.vec_env.num_envs,), dtype=bool)
+        total, callback = model._setup_learn(self.n_steps, None, reset_num_timesteps=False)
+        self.recorder.take()
+        model.collect_rollouts(self.vec_env, callback, model.rollout_buffer, n_rollout_steps=self.n_steps)
+        model._update_current_progress_remaining(model.num_timesteps, total)
+        self._collected = True
+        return self._rollout(self.recorder.take())
+
+    def _rollout(self, episodes: list[dict[str, Any]]) -> Rollout:
+        buffer, T, device = self.model.rollout_buffer, self.policy.num_steps, self.policy.device
+        n = len(episodes)
+        if n * T != buffer.buffer_size:
+            raise RuntimeError(f"SB3 collected {buffer.buffer_size} transitions but {n} episodes of {T} steps")
+        latent_shape = buffer.observations["latents"].shape[2:]
+        states = torch.as_tensor(buffer.observations["latents"][:, 0]).reshape(n, T, *latent_shape)
+        last = torch.as_tensor(buffer.actions[:, 0]).reshape(n, T, *latent_shape)[:, -1:]
+        embeds = torch.as_tensor(buffer.observations["prompt_embeds"][::T, 0])  # each episode's first step
+        numeric = [k for k, v in episodes[0]["info"].items() if isinstance(v, (bool, int, float))]
+        return Rollout(
+            prompts=[ep["info"]["prompt"] for ep in episodes],
+            embeds=embeds.to(device),
+            latents=torch.cat([states, last], 1).to(device),
+            log_probs=torch.as_tensor(buffer.log_probs[:, 0]).reshape(n, T).to(device),
+            rewards=torch.tensor([ep["reward"] for ep in episodes], dtype=torch.float32, device=device),
+            images=torch.stack([ep["image"] for ep in episodes]).to(device),
+            info={k: torch.tensor([float(ep["info"][k]) for ep in episodes], device=device) for k in numeric},
+        )
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """PPO's `train()` on the rollout buffer that `collect()` filled (the second half of the
+        `PPO.learn` iteration); SB3's logged losses."""
+        if not self._collected:
+            raise RuntimeError("SB3's PPO trains on the episodes its own collect() gathered: call collect() "
+                               "(without prompts) before each update()")
+        self._collected = False
+        self.model.train()
         logged = self.model.logger.name_to_value
         out = {tag: float(logged[key]) for key, tag in _SB3_TAGS.items() if key in logged}
         returns = self.monitor.get_episode_rewards()[self._episodes_seen:]

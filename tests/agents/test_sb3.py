@@ -101,7 +101,7 @@ def test_policy_needs_our_policy(setup):
         PPO(DiffusionActorCriticPolicy, FiniteActionBounds(env), n_steps=T, batch_size=T, device="cpu")
 
 
-@pytest.mark.parametrize("field, value", [("n_steps", 0), ("batch_size", 0), ("n_epochs", 0), ("clip_range", 0.0),
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("n_epochs", 0), ("clip_range", 0.0),
                                           ("gamma", 1.5), ("gae_lambda", -0.1), ("vf_coef", -1.0),
                                           ("ent_coef", -0.1), ("target_kl", 0.0), ("value_hidden", 0),
                                           ("kl_coef", 0.1), ("lr", 0.0)])
@@ -113,3 +113,31 @@ def test_bad_config_names_the_field(field, value):
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="learning_rate"):
         SB3Config.from_dict({"learning_rate": 1e-3})
+
+
+def test_an_epoch_samples_once_and_the_diagnostics_see_what_ppo_trains_on(tiny_assets, tmp_path, monkeypatch):
+    """collect() is PPO's collect_rollouts through the gym API and update() its train(): the Trainer's
+    rollout is PPO's buffer, and the Trainer's own env samples nothing."""
+    from t2i_rl.train import Trainer
+    from tests.agents.test_train import compose_cfg, tiny_overrides
+
+    trainer = Trainer(compose_cfg(tiny_overrides(tiny_assets, tmp_path / "run", "sb3", "raw")))
+    agent, n = trainer.agent, trainer.agent.cfg.samples_per_epoch
+    with pytest.raises(RuntimeError, match=r"collect\(\) \(without prompts\) before each update\(\)"):
+        agent.update(None)
+    monkeypatch.setattr(trainer.env, "step", lambda *a: pytest.fail("the Trainer's env sampled"))
+    trainer.epoch(0)
+    assert len(agent.monitor.get_episode_rewards()) == n  # one collection of samples_per_epoch episodes
+
+    rollout = agent.collect()
+    buffer, T = agent.model.rollout_buffer, agent.policy.num_steps
+    assert len(rollout) == n and len(set(rollout.prompts)) >= 1
+    states = torch.as_tensor(buffer.observations["latents"][:, 0])
+    assert torch.equal(rollout.latents[:, :-1].flatten(0, 1), states)
+    assert torch.equal(rollout.latents[:, -1].flatten(1), torch.as_tensor(buffer.actions[T - 1::T, 0]))
+    assert torch.equal(rollout.rewards, torch.as_tensor(buffer.rewards[T - 1::T, 0]))
+    assert rollout.log_probs.shape == (n, T) and rollout.images.shape[0] == n
+    assert {"gold/correct", "gold/score"} <= rollout.info.keys()
+    before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
+    agent.update(rollout)
+    assert any(not torch.equal(p, b) for p, b in zip(agent.policy.trainable_parameters(), before))
