@@ -433,6 +433,8 @@ class SB3PPOAgent(Agent):
         return self._rollout(self.recorder.take())
 
     def _rollout(self, episodes: list[dict[str, Any]]) -> Rollout:
+        """The episodes in PPO's buffer (one env: its transitions are whole episodes, in order) with
+        what the recorder kept of their ends."""
         buffer, T, device = self.model.rollout_buffer, self.policy.num_steps, self.policy.device
         n = len(episodes)
         if n * T != buffer.buffer_size:
