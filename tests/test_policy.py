@@ -286,3 +286,23 @@ def test_bad_reduce_and_step_index_raise(policy, embeds, latents):
         policy.step_stats(latents, T, embeds)
     with pytest.raises(ValueError, match="embeds batch"):
         policy.noise_pred(latents, 0, embeds[:1])
+
+
+def test_kl_to_base_in_one_call_equals_the_sum_of_per_step_kls():
+    """The diagnostic batches every (sample, step) pair; it must equal the per-step closed form."""
+    from t2i_rl.diagnostics import kl_to_base
+
+    pipe = build_pipeline(text_hidden_size=32, vae_channels=(16, 32), unet_channels=(16, 32), seed=0)
+    policy = DiffusionPolicy(pipe, num_steps=4, guidance_scale=3.0, eta=1.0, lora_rank=4)
+    with torch.no_grad():
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # away from the base model, so the KL is not 0
+    gen = torch.Generator().manual_seed(0)
+    embeds = policy.encode_prompts(["one red circle on a white background", "two blue squares on a black background"])
+    latents = torch.randn(2, 5, 4, 8, 8, generator=gen)
+    for every in (1, 2, 3):
+        steps = list(range(0, 4, every))
+        by_step = sum(policy.kl_to_reference(latents[:, i], i, embeds, reduce="sum").mean().item() for i in steps)
+        assert kl_to_base(policy, latents, embeds, every) == pytest.approx(by_step * 4 / len(steps), rel=1e-4)
+        assert kl_to_base(policy, latents, embeds, every) > 0
