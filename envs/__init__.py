@@ -4,10 +4,12 @@ from .denoise import (
     DenoiseEnv,
     DenoiseVectorEnv,
     NumpyDenoise,
+    fixed_prompts,
     heldout_counterpart,
     make_numpy_env,
     make_prompt_source,
+    training_eval_prompts,
 )
 
 __all__ = ["DenoiseEnv", "DenoiseVectorEnv", "NumpyDenoise", "make_numpy_env", "make_prompt_source",
-           "heldout_counterpart"]
+           "heldout_counterpart", "fixed_prompts", "training_eval_prompts"]

@@ -29,12 +29,44 @@ SHAPES_PROMPT_SETS = {
 }
 
 
+# The held-out family of each shipped fixed training set: prompts of the same kinds from the
+# held-out split, which no training sees (a fixed set is for learning that shows on its own prompts;
+# this family measures whether it generalizes).
+FIXED_SET_HELDOUT = {"shapes-16": "composition-heldout"}
+
+
 def heldout_counterpart(source) -> str | None:
-    """The held-out set of a named training set ("composition-train" -> "composition-heldout")."""
-    if isinstance(source, str) and source.endswith("-train"):
+    """The held-out set of a named training set ("composition-train" -> "composition-heldout",
+    "shapes-16" -> its family in FIXED_SET_HELDOUT)."""
+    if not isinstance(source, str):
+        return None
+    if source in FIXED_SET_HELDOUT:
+        return FIXED_SET_HELDOUT[source]
+    if source.endswith("-train"):
         name = source[: -len("-train")] + "-heldout"
         return name if name in SHAPES_PROMPT_SETS else None
     return None
+
+
+def fixed_prompts(source) -> list[str] | None:
+    """The prompts of a fixed set (a shipped set, `file:PATH` or a list), or None for a source that
+    draws from a grammar or a callable."""
+    if callable(source) or (isinstance(source, str) and source in SHAPES_PROMPT_SETS):
+        return None
+    if isinstance(source, str):
+        from t2i_rl.prompts import load_prompt_set
+
+        return load_prompt_set(source, also_allowed=list(SHAPES_PROMPT_SETS))
+    return list(source)
+
+
+def training_eval_prompts(prompt_source: PromptSource, source, n: int, seed: int) -> list[str]:
+    """`n` evaluation prompts of the training distribution: a fixed set's prompts in turn (each
+    equally often when `n` is a multiple of its size), else `n` draws of the source with `seed`."""
+    fixed = fixed_prompts(source)
+    if fixed is None:
+        return prompt_source(n, np.random.default_rng(seed))
+    return [fixed[i % len(fixed)] for i in range(n)]
 
 
 def make_prompt_source(source: str | Sequence[str] | PromptSource) -> PromptSource:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs import DenoiseVectorEnv, make_prompt_source
+from envs import DenoiseVectorEnv, fixed_prompts, heldout_counterpart, make_prompt_source, training_eval_prompts
 from t2i_rl.models import build_pipeline
 from t2i_rl.prompts import PROMPT_ASSETS, load_prompt_file, shipped_prompt_sets
 from t2i_rl.rewards import ShapesCLIP, TextNorm
@@ -18,7 +18,7 @@ def draw(source, n=64, seed=0):
 
 
 def test_shipped_sets_are_ddpo_style_animals_and_activities():
-    assert shipped_prompt_sets() == ["activities", "animals"]
+    assert shipped_prompt_sets() == ["activities", "animals", "shapes-16"]
     animals = load_prompt_file(PROMPT_ASSETS / "animals.txt")
     activities = load_prompt_file(PROMPT_ASSETS / "activities.txt")
     assert 40 <= len(animals) <= 50 and 45 <= len(activities) <= 55
@@ -28,6 +28,32 @@ def test_shipped_sets_are_ddpo_style_animals_and_activities():
     drawn = draw("animals")
     assert len(drawn) == 64 and set(drawn) <= set(animals) and len(set(drawn)) > 10
     assert set(draw("activities")) <= set(activities)
+
+
+def test_the_default_fixed_set_is_32_distinct_training_prompts_of_two_objects():
+    from t2i_rl.world import parse_prompt
+    from t2i_rl.world.grammar import is_heldout
+
+    prompts = load_prompt_file(PROMPT_ASSETS / "shapes-16.txt")
+    assert len(prompts) == len(set(prompts)) == 16
+    scenes = [parse_prompt(p) for p in prompts]  # every prompt is in the grammar
+    assert all(len(s.groups) == 2 and not is_heldout(s) for s in scenes)  # never a held-out prompt
+    assert [s.text() for s in scenes] == prompts  # canonical text, as the judge and TextNorm read it
+    assert heldout_counterpart("shapes-16") == "composition-heldout"
+    assert heldout_counterpart("composition-train") == "composition-heldout"
+    assert heldout_counterpart("animals") is None
+
+
+def test_training_evaluation_takes_a_fixed_set_in_turn_and_draws_a_grammar_set():
+    fixed = load_prompt_file(PROMPT_ASSETS / "shapes-16.txt")
+    assert fixed_prompts("shapes-16") == fixed and fixed_prompts(["a", "b"]) == ["a", "b"]
+    assert fixed_prompts("composition-train") is None
+    evaluated = training_eval_prompts(make_prompt_source("shapes-16"), "shapes-16", 256, seed=0)
+    assert evaluated == fixed * 16  # each prompt 16 times, in the file's order
+    source = make_prompt_source("composition-train")
+    drawn = training_eval_prompts(source, "composition-train", 16, seed=5)
+    assert drawn == training_eval_prompts(source, "composition-train", 16, seed=5)  # fixed for a seed
+    assert drawn == source(16, np.random.default_rng(5))
 
 
 def test_file_sources_read_txt_and_json(tmp_path):
