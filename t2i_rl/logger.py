@@ -1,8 +1,9 @@
 """One logger facade for a run: TensorBoard events and `metrics.jsonl`, with the same numbers.
 
-Tag names are the stable ones of DESIGN.md (`reward/proxy`, `reward/gold`, `policy/kl_to_base`,
-`eval/gold_correct`, ...). The custom-scalars chart "reward vs human" overlays the proxy reward
-and the gold reward, so overoptimization shows as two curves parting.
+Tag names are the stable ones listed in the README (`reward/proxy`, `reward/gold`,
+`policy/kl_to_base`, `eval/train/gold_correct`, `eval/heldout/gold_correct`, ...). The
+custom-scalars charts "reward vs human" overlay the proxy reward and the gold reward, so
+overoptimization shows as two curves parting.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from torch.utils.tensorboard.summary import custom_scalars
 LAYOUT = {
     "overoptimization": {
         "reward vs human": ["Multiline", ["reward/proxy", "reward/gold"]],
-        "reward vs human (held-out)": ["Multiline", ["eval/proxy", "eval/gold", "eval/gold_correct"]],
+        "reward vs human (eval, training prompts)": ["Multiline", ["eval/train/proxy$", "eval/train/gold$",
+                                                                   "eval/train/gold_correct"]],
+        "reward vs human (eval, held-out prompts)": ["Multiline", ["eval/heldout/proxy$", "eval/heldout/gold$",
+                                                                   "eval/heldout/gold_correct"]],
         "KL to base": ["Multiline", ["policy/kl_to_base"]],
     },
 }

@@ -1,7 +1,9 @@
 """Reward-vs-human curves from runs' metrics.jsonl: `python -m t2i_rl.plot RUN [RUN ...] --out F.png`.
 
-One panel per quantity (proxy and gold on the training batches and on held-out prompts, KL to
-base), one line per run, so a proxy that climbs while the gold stays flat or falls is seen at a glance.
+One panel per quantity (the proxy on the training batches; proxy and the judge's all-correct in the
+fixed-noise evaluations on the training prompts and on held-out ones, shaded with their 95%
+intervals; KL to base), one line per run, so a proxy that climbs while the gold stays flat or falls
+is seen at a glance.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = [("reward/proxy", "proxy reward (train)"), ("reward/gold", "gold score (train)"),
-          ("eval/proxy", "proxy reward (held-out)"), ("eval/gold_correct", "all-correct by the judge (held-out)"),
+PANELS = [("reward/proxy", "proxy reward (training batches)"),
+          ("eval/train/proxy", "proxy reward (eval, training prompts)"),
+          ("eval/train/gold_correct", "all-correct by the judge (eval, training prompts)"),
+          ("eval/heldout/proxy", "proxy reward (eval, held-out prompts)"),
+          ("eval/heldout/gold_correct", "all-correct by the judge (eval, held-out prompts)"),
           ("policy/kl_to_base", "KL to base (nats)")]
 
 
@@ -30,14 +35,19 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 def plot_runs(runs: list[str], out: str | Path, labels: list[str] | None = None) -> Path:
     labels = labels or [Path(r).name for r in runs]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(4.2 * len(PANELS) // 2, 6.4))
+    axes = axes.flatten()
     for run, label in zip(runs, labels):
         rows = read_metrics(run)
         for ax, (tag, title) in zip(axes, PANELS):
             pts = [(r["epoch"], r[tag]) for r in rows if r.get(tag) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if tag.startswith("eval/") else None, ms=3, label=label)
-            ax.set_title(title, fontsize=10)
+                line, = ax.plot(*zip(*pts), marker="o" if tag.startswith("eval/") else None, ms=3, label=label)
+                band = [(r["epoch"], r[f"{tag}/ci_low"], r[f"{tag}/ci_high"]) for r in rows
+                        if r.get(f"{tag}/ci_low") is not None]
+                if band:
+                    ax.fill_between(*zip(*band), color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("epoch")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

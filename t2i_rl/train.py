@@ -8,6 +8,7 @@ checkpoints/last and continues the same run.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -36,6 +37,11 @@ def check_overrides(argv: list[str]) -> None:
         key, _, value = arg.partition("=")
         if key in GROUPS and value not in group_options(key):
             raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}")
+
+
+def eval_counts(cfg: DictConfig) -> list[tuple[str, int]]:
+    """The image counts of the evaluation sets, which batches of eval.batch_size must fill."""
+    return [("eval.train_images", cfg.eval.train_images), ("eval.num_prompts", cfg.eval.num_prompts)]
 
 
 def model_float16(model: DictConfig, agent_cfg) -> bool:
@@ -68,11 +74,12 @@ def validate(cfg: DictConfig):
         ("shard_optimizer", isinstance(cfg.shard_optimizer, bool), "true or false"),
         ("eval.every", cfg.eval.every >= 0, ">= 0 (0: only at epoch 0)"),
         ("eval.num_prompts", cfg.eval.num_prompts >= 0, ">= 0"),
+        ("eval.train_images", cfg.eval.train_images >= 0, ">= 0"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
         # one process's rule; with several, each process's share must keep it (checked below)
-        ("eval.num_prompts", world > 1 or cfg.eval.num_prompts <= cfg.eval.batch_size
-         or cfg.eval.num_prompts % cfg.eval.batch_size == 0,
-         f"at most eval.batch_size ({cfg.eval.batch_size}) or a multiple of it"),
+        *[(key, world > 1 or count <= cfg.eval.batch_size or count % cfg.eval.batch_size == 0,
+           f"at most eval.batch_size ({cfg.eval.batch_size}) or a multiple of it")
+          for key, count in eval_counts(cfg)],
     ]:
         if not ok:
             raise ValueError(f"{key} = {OmegaConf.select(cfg, key)} is invalid: must be {rule}")
@@ -100,11 +107,12 @@ def validate(cfg: DictConfig):
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid with {world} "
                              f"processes: each process's share ({local.samples_per_epoch}) must be a multiple of "
                              f"env.batch_size ({cfg.env.batch_size})")
-        share, batch = cfg.eval.num_prompts // world, cfg.eval.batch_size
-        if cfg.eval.num_prompts % world or not (share <= batch or share % batch == 0):
-            raise ValueError(f"eval.num_prompts = {cfg.eval.num_prompts} is invalid with {world} processes: must be "
-                             f"a multiple of {world} whose share per process (here {share}) is at most "
-                             f"eval.batch_size ({batch}) or a multiple of it")
+        for key, count in eval_counts(cfg):
+            share, batch = count // world, cfg.eval.batch_size
+            if count % world or not (share <= batch or share % batch == 0):
+                raise ValueError(f"{key} = {count} is invalid with {world} processes: must be a multiple of "
+                                 f"{world} whose share per process (here {share}) is at most eval.batch_size "
+                                 f"({batch}) or a multiple of it")
     return cls, agent_cfg
 
 
@@ -121,7 +129,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        from envs import DenoiseVectorEnv, heldout_counterpart, make_prompt_source
+        from envs import DenoiseVectorEnv, heldout_counterpart, make_prompt_source, training_eval_prompts
         from t2i_rl.diagnostics import EarlyStopper, HackDetector
         from t2i_rl.logger import RunLogger, truncate_jsonl
         from t2i_rl.models import load_pipeline
@@ -144,10 +152,6 @@ class Trainer:
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
-        eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.num_prompts // world))
-        # the train env's prompt source (no second read of a prompt file): `evaluate` resets the eval env
-        # with a seed, which draws from it, so it also fixes the held-out x_T stream
-        self.eval_env = DenoiseVectorEnv(num_envs=eval_batch, prompts=self.env.prompt_source, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
         if distributed.deepspeed_launch() and world > 1:
@@ -155,8 +159,21 @@ class Trainer:
                                                                   self.agent.cfg.max_grad_norm))
         elif cfg.shard_optimizer and world > 1:  # one process has nothing to shard: AdamW as it is
             self.agent.shard_optimizer()
-        eval_source = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
-        self.eval_prompts = make_prompt_source(eval_source)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed))
+        # fixed evaluation sets, the training prompts and held-out ones, each sampled with its own fixed
+        # noise by an env of its own batch size (the held-out noise stream is the one the README's
+        # earlier numbers were measured with: seed + 1, prompts drawn after the train source's draw)
+        heldout = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
+        self.eval_sets = {}
+        for name, prompts, seed in [
+            ("train", training_eval_prompts(self.env.prompt_source, cfg.env.prompts, cfg.eval.train_images, cfg.seed),
+             cfg.seed + 2),
+            ("heldout", make_prompt_source(heldout)(cfg.eval.num_prompts, np.random.default_rng(cfg.seed)),
+             cfg.seed + 1),
+        ]:
+            if prompts:
+                batch = min(cfg.eval.batch_size, len(prompts) // world)
+                env = DenoiseVectorEnv(num_envs=batch, prompts=self.env.prompt_source, **env_kwargs)
+                self.eval_sets[name] = (prompts, seed, env)
         self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
         self.stopper = EarlyStopper(cfg.early_stop.patience)
         self.best_gold = -1.0
@@ -206,28 +223,43 @@ class Trainer:
         return distributed.mean_metrics(metrics)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out prompts, the same x_T and sampler noise every time: base model at epoch 0.
-        Several processes each evaluate an equal share of the prompts; the scores are gathered."""
-        if not self.eval_prompts:
-            return {}
-        share = len(self.eval_prompts) // distributed.world_size()
-        prompts = self.eval_prompts[distributed.rank() * share:(distributed.rank() + 1) * share]
-        seed = distributed.rank_seed(self.cfg.seed + 1)
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Every evaluation set (`eval/train/*`, `eval/heldout/*`), each with its own fixed x_T and
+        sampler noise, so epoch 0 scores the base model on exactly the images later epochs redraw.
+        The per-image scores go to `evals/epoch<NNNN>.json` (the prompts in sampling order), so that
+        two evaluations, or two runs of one seed, compare image by image (paired)."""
+        out: dict[str, float] = {}
+        record: dict[str, dict[str, list]] = {}
+        for name, (prompts, seed, env) in self.eval_sets.items():
+            judged, values = self._sample_set(prompts, seed, env)
+            out.update(score_summary(f"eval/{name}", judged, values, self.cfg.seed))
+            record[name] = {"prompts": judged, **{k: v.tolist() for k, v in values.items()}}
+        if self.is_main and record:
+            path = self.run_dir / "evals" / f"epoch{epoch:04d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record))
+        return out
+
+    def _sample_set(self, prompts: list[str], seed: int, eval_env) -> tuple[list[str], dict[str, np.ndarray]]:
+        """One image per prompt with the set's fixed noise: (prompts, {proxy, gold, gold_correct} per image).
+        Several processes each sample an equal share; the scores are gathered in rank order."""
+        share = len(prompts) // distributed.world_size()
+        mine = prompts[distributed.rank() * share:(distributed.rank() + 1) * share]
+        seed = distributed.rank_seed(seed)
         saved = self.agent.generator.get_state()
         self.agent.generator.manual_seed(seed)
-        self.eval_env.reset(seed=seed)
-        env, self.agent.env = self.agent.env, self.eval_env
+        eval_env.reset(seed=seed)
+        env, self.agent.env = self.agent.env, eval_env
         try:
-            rollout = self.agent.collect(prompts)
+            rollout = self.agent.collect(mine)
         finally:
             self.agent.env = env
             self.agent.generator.set_state(saved)
-        out = {"eval/proxy": distributed.gather(rollout.rewards).mean().item()}
+        values = {"proxy": rollout.rewards}
         if "gold/score" in rollout.info:
-            out["eval/gold"] = distributed.gather(rollout.info["gold/score"]).mean().item()
-            out["eval/gold_correct"] = distributed.gather(rollout.info["gold/correct"]).mean().item()
-        return out
+            values.update(gold=rollout.info["gold/score"], gold_correct=rollout.info["gold/correct"])
+        return (distributed.gather_list(mine),
+                {k: distributed.gather(v).double().cpu().numpy() for k, v in values.items()})
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
@@ -238,17 +270,18 @@ class Trainer:
         for epoch in bar:
             last_epoch = epoch
             evaluating = epoch == 0 or (cfg.eval.every and epoch % cfg.eval.every == 0)
-            metrics = self.evaluate() if evaluating else {}
+            metrics = self.evaluate(epoch) if evaluating else {}
             metrics.update(self.epoch(epoch))
             self.logger.log(epoch, metrics)
             bar.set_postfix(proxy=f"{metrics['reward/proxy']:.3f}",
                             gold=f"{metrics.get('reward/gold', float('nan')):.3f}")
             stop = False
-            if "eval/gold" in metrics:
-                if metrics["eval/gold_correct"] > self.best_gold:
-                    self.best_gold = metrics["eval/gold_correct"]
+            if "eval/heldout/gold" in metrics:
+                if metrics["eval/heldout/gold_correct"] > self.best_gold:
+                    self.best_gold = metrics["eval/heldout/gold_correct"]
                     self._save("best", epoch)
-                stop = cfg.early_stop.enabled and self.stopper.update(metrics["eval/gold"], metrics["eval/proxy"])
+                stop = cfg.early_stop.enabled and self.stopper.update(metrics["eval/heldout/gold"],
+                                                                      metrics["eval/heldout/proxy"])
             self._save("last", epoch)
             if stop:
                 tqdm.write(f"early stop at epoch {epoch}: held-out gold fell for {cfg.early_stop.patience} "
@@ -260,7 +293,7 @@ class Trainer:
                 if minutes >= cfg.budget_minutes:
                     tqdm.write(f"time budget of {cfg.budget_minutes:g} min spent after epoch {epoch}")
                     break
-        final = self.evaluate()
+        final = self.evaluate(last_epoch + 1)
         if final:
             self.logger.log(last_epoch + 1, final)
         self.logger.close()
@@ -311,6 +344,20 @@ class Trainer:
         caption = "\n".join(f"{i}: {rollout.prompts[i]} | proxy {rollout.rewards[i]:.3f} | gold {gold[i]:.2f}  "
                             for i in range(n))
         self.logger.images("samples/train", image_grid(rollout.images[:n]), epoch, caption)
+
+
+def score_summary(prefix: str, prompts: list[str], values: dict[str, np.ndarray], seed: int) -> dict[str, float]:
+    """Each score's mean and 95% interval: Wilson for the all-correct rate, a bootstrap over prompts
+    for the means (the images of one prompt are not independent draws of the policy's quality)."""
+    from t2i_rl.intervals import bootstrap_mean_interval, wilson_interval
+
+    out = {}
+    for key, v in values.items():
+        low, high = (wilson_interval(v.sum(), len(v)) if key == "gold_correct"
+                     else bootstrap_mean_interval(v, prompts, seed=seed))
+        out.update({f"{prefix}/{key}": float(v.mean()), f"{prefix}/{key}/ci_low": low,
+                    f"{prefix}/{key}/ci_high": high})
+    return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

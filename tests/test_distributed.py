@@ -252,7 +252,8 @@ def test_per_process_config_splits_the_sample_counts():
 def test_validate_checks_the_shares_of_each_process(monkeypatch, overrides, message):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["env.batch_size=2", *overrides])
+        cfg = compose(config_name="config", overrides=["env.batch_size=2", "agent.group_size=2",
+                                                       "eval.train_images=0", *overrides])
     with pytest.raises(ValueError, match=message):
         validate(cfg)
     monkeypatch.setenv("WORLD_SIZE", "1")

@@ -20,6 +20,7 @@ from t2i_rl.models import load_pipeline
 from t2i_rl.policy import DiffusionPolicy
 from t2i_rl.sd_architectures import SCALED_DOWN, save_random_sd
 from t2i_rl.train import CONFIG_DIR, Trainer, group_options, precheck, validate
+from tests.agents.test_train import tiny_agent_overrides
 
 RESOLUTION = 64  # 8x8 latents: SD's three UNet downsamplings take them to 1x1
 PROMPTS = ["two red circles on a white background", "one blue square on a black background"]
@@ -50,7 +51,7 @@ def sd_cfg(model, folder, run_dir, reward, agent="ddpo", overrides=()):
             "env=raw", "env.batch_size=2", "env.num_steps=3", "agent.samples_per_epoch=2",
             "agent.train_batch_size=2", "agent.lora_rank=4", "epochs=1", f"output_dir={run_dir}",
             "eval.num_prompts=0", "samples.every=0",
-            "diagnostics.kl_samples=2", *overrides])
+            "diagnostics.kl_samples=2", *tiny_agent_overrides(agent), *overrides])
     cfg.env.reward = reward
     return cfg
 

@@ -17,6 +17,9 @@ ENVS = group_options("env")
 # reward; free-text prompts, no judge). The other published-reward envs take the same path through
 # the trainer, so they are composed below but not run (7 agents x 6 envs would take minutes).
 RUN_ENVS = [e for e in ENVS if e not in PRETRAINED] + ["imagereward"]
+# every evaluation's tags: both sets, three scores, each with its 95% interval
+EVAL_TAGS = {f"eval/{s}/{k}{ci}" for s in ("train", "heldout") for k in ("proxy", "gold", "gold_correct")
+             for ci in ("", "/ci_low", "/ci_high")}
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +44,15 @@ def tiny_overrides(assets, run_dir, agent="ddpo", env="textnorm", epochs=1, pret
         f"agent={agent}", f"env={env}", f"epochs={epochs}", f"output_dir={run_dir}",
         f"model.pipeline={assets['pipeline']}", "env.batch_size=2", "env.num_steps=2",
         "agent.samples_per_epoch=4", "agent.train_batch_size=2",
-        "eval.num_prompts=4", "eval.batch_size=4", "eval.every=1", "samples.every=1", "samples.num=4",
-        "diagnostics.kl_samples=2", f"agent.lora_rank={lora_rank}",
+        "eval.num_prompts=4", "eval.train_images=4", "eval.batch_size=4", "eval.every=1",
+        "samples.every=1", "samples.num=4",
+        "diagnostics.kl_samples=2", f"agent.lora_rank={lora_rank}", *tiny_agent_overrides(agent),
     ], reward
+
+
+def tiny_agent_overrides(agent: str) -> list[str]:
+    """DDPO's (and DPOK's) default groups and trained steps, scaled to a tiny epoch of 4 samples x 2 steps."""
+    return ["agent.group_size=2", "agent.train_steps=1"] if agent in ("ddpo", "dpok") else []
 
 
 def compose_cfg(overrides_and_reward):
@@ -88,7 +97,8 @@ def test_every_agent_env_pair_runs_a_tiny_epoch(tiny_assets, tiny_pretrained, tm
     assert torch.isfinite(torch.tensor(metrics["reward/proxy"]))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
-    judged = {"reward/gold", "eval/gold_correct"} if cfg.env.gold else set()  # free text has no judge
+    # free text has no judge
+    judged = {"reward/gold", "eval/heldout/gold_correct", "eval/train/gold_correct"} if cfg.env.gold else set()
     assert {"reward/proxy", "policy/kl_to_base"} | judged <= set(first)
     assert (tmp_path / "run" / "checkpoints" / "last").is_dir()
     assert (tmp_path / "run" / "config.yaml").is_file()
@@ -100,8 +110,8 @@ def test_time_budget_stops_after_the_epoch_that_spends_it_and_still_evaluates(ti
     metrics = Trainer(cfg).fit()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1]  # one epoch trained, then the final held-out eval
-    assert set(lines[1]) == {"epoch", "eval/proxy", "eval/gold", "eval/gold_correct"}
-    assert metrics["final/eval/gold_correct"] == lines[1]["eval/gold_correct"]
+    assert set(lines[1]) == {"epoch"} | EVAL_TAGS
+    assert metrics["final/eval/heldout/gold_correct"] == lines[1]["eval/heldout/gold_correct"]
 
 
 @pytest.mark.parametrize("lora_rank", ["4", "null"])  # LoRA, and full fine-tuning (DDPO's default)
@@ -132,9 +142,48 @@ def test_tensorboard_events_hold_the_design_tags(tiny_assets, tmp_path):
     tags = set(acc.Tags()["scalars"])
     want = {"reward/proxy", "reward/gold", "reward/rm/clip", "textnorm/confidence", "policy/kl_to_base",
             "policy/approx_kl", "policy/clipfrac", "loss/policy", "overopt/hacked_frac",
-            "diversity/pixel_rms", "time/samples_per_s", "eval/gold_correct", "eval/gold", "eval/proxy"}
+            "diversity/pixel_rms", "time/samples_per_s"} | EVAL_TAGS
     assert want <= tags, want - tags
     assert any(t.startswith("samples/") for t in acc.Tags()["images"])
+
+
+def test_evaluation_uses_fixed_noise_and_reports_its_intervals(tiny_assets, tmp_path):
+    """Two evaluations of the same weights draw the same images; the intervals are the Wilson and
+    bootstrap-over-prompts intervals of exactly the scores judged, which are written per image; the
+    training prompts are the fixed set in turn."""
+    from t2i_rl.intervals import bootstrap_mean_interval, wilson_interval
+
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run")
+    prompts = ["two red circles on a white background", "one blue square and one green circle on a black background"]
+    trainer = Trainer(compose_cfg((overrides + [f"env.prompts=[{prompts[0]!r},{prompts[1]!r}]"], reward)))
+    train_prompts, _, _ = trainer.eval_sets["train"]
+    assert train_prompts == prompts * 2  # eval.train_images=4: each fixed prompt twice
+    images = []
+    sample_set = trainer._sample_set
+
+    def recording(prompts, seed, env):
+        out = sample_set(prompts, seed, env)
+        images.append(env.images.clone())
+        return out
+    trainer._sample_set = recording
+    first, second = trainer.evaluate(0), trainer.evaluate(1)
+    assert first == second
+    assert torch.equal(images[0], images[2]) and torch.equal(images[1], images[3])  # train, held-out
+    # the intervals, recomputed from the judge's scores of those very images
+    gold = trainer.env.gold_fn(images[0], train_prompts).components
+    n_correct = float(gold["gold/correct"].sum())
+    assert first["eval/train/gold_correct"] == pytest.approx(n_correct / 4)
+    assert (first["eval/train/gold_correct/ci_low"], first["eval/train/gold_correct/ci_high"]) == pytest.approx(
+        wilson_interval(n_correct, 4))
+    scores = gold["gold/score"].double().numpy()
+    assert (first["eval/train/gold/ci_low"], first["eval/train/gold/ci_high"]) == pytest.approx(
+        bootstrap_mean_interval(scores, train_prompts, seed=0), abs=1e-6)
+    for key in ("eval/train/gold", "eval/train/proxy", "eval/heldout/proxy"):
+        assert first[f"{key}/ci_low"] <= first[key] <= first[f"{key}/ci_high"]
+    record = json.loads((tmp_path / "run" / "evals" / "epoch0000.json").read_text())
+    assert record["train"]["prompts"] == train_prompts
+    assert record["train"]["gold"] == pytest.approx(scores.tolist())
+    assert set(record) == {"train", "heldout"} and len(record["heldout"]["proxy"]) == 4
 
 
 def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tiny_assets, tmp_path):
@@ -157,6 +206,8 @@ def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tiny_assets, tmp_path):
     (["epochs=0"], "epochs = 0 is invalid"),
     (["agent.bogus=1"], "bogus"),
     (["eval.num_prompts=100", "eval.batch_size=64"], "eval.num_prompts = 100 is invalid"),
+    (["eval.train_images=100", "eval.batch_size=64"], "eval.train_images = 100 is invalid"),
+    (["env.prompts=file:/nonexistent/prompts.txt"], "prompt file /nonexistent/prompts.txt does not exist"),
 ])
 def test_invalid_config_gives_one_error_line_and_no_work(tmp_path, args, message):
     out = tmp_path / "run"
