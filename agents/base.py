@@ -243,7 +243,12 @@ class Agent(ABC):
         if self.engine is None:
             distributed.consolidate_optimizer(self.optimizer)
         else:
-            self._gathered_optimizer = distributed.gather_to_main(self.optimizer.state_dict())
+            # a checkpoint holds data only: DeepSpeed's own objects are left out, its loss scaler (static
+            # at 1 in float32; loading keeps the engine's own when it finds none) and the parameter slice
+            # maps of its universal checkpoints, which loading a shard does not read
+            shard = {k: v for k, v in self.optimizer.state_dict().items()
+                     if k not in ("loss_scaler", "param_slice_mappings")}
+            self._gathered_optimizer = distributed.gather_to_main(shard)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that a resumed run needs to continue identically."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +92,24 @@ class RunLogger:
 
 
 def truncate_jsonl(path: str | Path, last_epoch: int) -> None:
-    """Keep the lines of epochs <= last_epoch (a resumed run rewrites what came after)."""
+    """Keep the lines of epochs <= last_epoch (a resumed run rewrites what came after). A last line
+    that is not JSON is the partial write of a process that died, and is dropped; the file is
+    replaced in one rename, so a crash here keeps the old lines."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["epoch"] <= last_epoch]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    keep = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == lines[-1][0]:
+                break
+            raise ValueError(f"{path}: line {number} is not JSON, and only the last line (the write of a run "
+                             "that died) can be partial") from None
+        if record["epoch"] <= last_epoch:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

@@ -130,6 +130,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         from envs import DenoiseVectorEnv, heldout_counterpart, make_prompt_source, training_eval_prompts
+        from t2i_rl.checkpoint import find_checkpoint
         from t2i_rl.diagnostics import EarlyStopper, HackDetector
         from t2i_rl.logger import RunLogger, truncate_jsonl
         from t2i_rl.models import load_pipeline
@@ -182,7 +183,8 @@ class Trainer:
         self.env.reset(seed=seed)
         self.agent.generator.manual_seed(seed)
         last = self.run_dir / "checkpoints" / "last"
-        resume = bool(cfg.resume and last.exists())
+        # a save that died between its two renames left the previous checkpoint, which is loaded instead
+        resume = bool(cfg.resume and find_checkpoint(last))
         if len(set(distributed.gather_objects(resume))) > 1:
             raise RuntimeError(f"only some processes see {last}: output_dir must be on a filesystem every process reads")
         if resume:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from agents import agent_class
 from agents.ddpo import DDPOConfig
 from agents.rwr import RWRConfig
-from t2i_rl.checkpoint import LORA_FILE, STATE_FILE
+from t2i_rl.checkpoint import LORA_FILE, load_trainer_state
 from t2i_rl.train import CONFIG_DIR, validate
 
 from tests.agents.test_train import tiny_overrides
@@ -151,7 +151,7 @@ def test_sharded_optimizer_splits_the_states_and_trains_the_same_weights(default
     check_agent_run(tmp / "sharded_straight", results["sharded_straight"], epochs=2)
     check_agent_run(tmp / "sharded_resumed", results["sharded_resumed"], epochs=2, runs=2)
     for run in ("straight", "sharded_straight", "sharded_resumed"):
-        saved = torch.load(tmp / run / "checkpoints" / "last" / STATE_FILE, weights_only=False)
+        saved = load_trainer_state(tmp / run / "checkpoints" / "last")
         assert len(saved["agent"]["optimizer"]["state"]) == len(results["straight"][0]["weights"]), run
     held = [out["optimizer_states"] for out in results["sharded_straight"]]
     assert [out["optimizer_states"] for out in results["straight"]] == [len(results["straight"][0]["weights"])] * 2
@@ -201,7 +201,7 @@ def test_deepspeed_zero2_trains_the_weights_of_the_data_parallel_run(default_run
             torch.testing.assert_close(value, reference["weights"][key], atol=1e-4, rtol=0)
             assert torch.equal(value, resumed["weights"][key]), key
     assert sum(out["optimizer_numel"] for out in results["straight"]) >= whole
-    saved = torch.load(tmp / "straight" / "checkpoints" / "last" / STATE_FILE, weights_only=False)
+    saved = load_trainer_state(tmp / "straight" / "checkpoints" / "last")
     assert isinstance(saved["agent"]["optimizer"], list) and len(saved["agent"]["optimizer"]) == 2
 
 
