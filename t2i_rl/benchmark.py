@@ -13,11 +13,14 @@ DDIM, one seeded generator per image), the judge's all-correct verdict as the bi
 score (fraction of attributes right) as the graded one. Results per split: "counting" (one object
 group whose count is not one), "composition" (two object groups) and "all".
 
-TIA2 on real data: `--tia2 FOLDER` reads a folder laid out like the public release of TextNorm's
-benchmark (human_annotations/, prompts/, images; see `t2i_rl.tia2`) instead of generating images,
-and reports the same metrics per split of the folder. `--contrastive SPEC` sets the contrastive
-prompts of the TextNorm rewards that do not set their own: shapes, rules, tia2 (the folder's
-prompts/, rules for prompts not in them; the default with --tia2) or a JSON spec.
+TIA2 on real data: `--tia2 FOLDER` reads TextNorm's release as it is (human_annotations/,
+prompts/, alignment_scores/, and images/<split>/ if downloaded; see `t2i_rl.tia2`) instead of
+generating images, and reports the same metrics, as the release computes them, per split
+(`--splits`, default all). The models: `--rewards` scored on the folder's images, `--scores FILE`
+(any model's precomputed scores, named by the file's stem) and `--reference` (the release's own
+per-prompt metrics of CLIP, BLIP-2, ImageReward, PickScore and TextNorm). `--contrastive SPEC`
+sets the contrastive prompts of the TextNorm rewards that do not set their own: shapes, rules,
+tia2 (the folder's prompts/, rules for prompts not in them; the default with --tia2) or a JSON spec.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .metrics import aggregate, prompt_metrics
+from .metrics import AP_KS, aggregate, prompt_metrics
 from .world import ShapesWorld, parse_prompt
 
 BENCHMARK = "TIA2-shapes"
@@ -429,38 +432,78 @@ def _build_rewards(specs: dict[str, str | dict], device: str) -> dict:
     return rewards
 
 
-def cmd_tia2(args) -> int:
-    """`rewards --tia2 FOLDER`: the reward benchmark on a TIA2 folder's images and human labels."""
-    from .tia2 import BENCHMARK as TIA2, load_tia2, run_tia2_benchmark
+def _tia2_models(args, data) -> tuple[dict, dict]:
+    """The models of `rewards --tia2`, as per-prompt metrics {model: {split: {metric: [P]}}}: the
+    --rewards on the folder's images, the --scores files, the release's own (--reference). Also
+    the settings that say where each came from."""
+    from .tia2 import read_reference, read_scores, score_folder_images, score_metrics
 
-    if args.k < 1:
-        raise UsageError(f"--k must be >= 1, got {args.k}")
+    metrics: dict = {}
+    settings: dict = {"rewards": None, "contrastive": None, "scores": {}, "reference": args.reference}
+
+    def add(name: str, per_prompt: dict, source: str) -> None:
+        if name in metrics:
+            raise UsageError(f"two models are named {name!r} (the second from {source}); names must differ: "
+                             "rename a --scores file (its stem is the model's name)")
+        metrics[name] = per_prompt
+
+    if args.rewards:
+        specs = _parse_reward_names(args.rewards)
+        # the folder's prompt sets are only read (and need to exist) when a TextNorm reward uses them
+        contrastive = _contrastive_arg(args.contrastive, data) if any(map(_open_textnorm, specs.values())) else None
+        specs = with_contrastive(specs, contrastive)
+        rewards = _build_rewards(specs, args.device)
+        t0 = time.perf_counter()
+        try:
+            scores = score_folder_images(data, rewards, batch_size=args.batch_size, device=args.device, progress=_log)
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from err
+        _log(f"scored {len(rewards)} rewards in {time.perf_counter() - t0:.1f} s")
+        for name, by_split in scores.items():
+            add(name, score_metrics(data, by_split, args.k), "--rewards")
+        settings.update(rewards=specs, contrastive=contrastive)
+    for path in args.scores or ():
+        try:
+            scores = read_scores(path, data)
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(f"--scores: {err}") from err
+        add(Path(path).stem, score_metrics(data, scores, args.k), f"--scores {path}")
+        settings["scores"][Path(path).stem] = str(path)
+    if args.reference:
+        try:
+            reference = read_reference(data, args.k)
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(f"--reference: {err}") from err
+        for name, by_split in reference.items():
+            add(name, by_split, "--reference")
+    return metrics, settings
+
+
+def cmd_tia2(args) -> int:
+    """`rewards --tia2 FOLDER`: reward models against a TIA2 folder's human labels, from its images
+    (--rewards), precomputed scores (--scores) or the release's own per-prompt metrics (--reference)."""
+    from .tia2 import BENCHMARK as TIA2, format_tia2_table, load_tia2, tia2_report
+
+    if min(args.k) < 1:
+        raise UsageError(f"--k must be >= 1, got {min(args.k)}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.rewards or args.scores or args.reference):
+        raise UsageError("--tia2 needs models to compare: --rewards NAME ... (scored on images/<split>/), "
+                         "--scores FILE ... or --reference")
     try:
-        data = load_tia2(args.tia2)
+        data = load_tia2(args.tia2, args.splits)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(f"--tia2: {err}") from err
-    specs = _parse_reward_names(args.rewards)
-    # the folder's prompt sets are only read (and need to exist) when a TextNorm reward uses them
-    contrastive = _contrastive_arg(args.contrastive, data) if any(map(_open_textnorm, specs.values())) else None
-    specs = with_contrastive(specs, contrastive)
-    rewards = _build_rewards(specs, args.device)
     _log(f"{TIA2}: {len(data.prompts)} prompts in {', '.join(data.splits)} from {data.root}")
-    t0 = time.perf_counter()
-    try:
-        result = run_tia2_benchmark(data, rewards, k=args.k, batch_size=args.batch_size, device=args.device,
-                                    progress=_log)
-    except (ValueError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from err
-    _log(f"scored {len(rewards)} rewards in {time.perf_counter() - t0:.1f} s")
-    print(format_table(result))
+    metrics, sources = _tia2_models(args, data)
+    settings = {"benchmark": TIA2, "folder": str(data.root), "splits": data.splits, "k": list(args.k), **sources}
+    report = tia2_report(data, metrics, settings)
+    print(format_tia2_table(report))
     if args.json is not None:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        settings = {"benchmark": TIA2, "folder": str(data.root), "splits": data.splits, "k": args.k,
-                    "contrastive": contrastive, "rewards": specs}
-        path.write_text(json.dumps(_json_ready({"settings": settings, **result}), indent=1) + "\n")
+        path.write_text(json.dumps(_json_ready(report), indent=1) + "\n")
         _log(f"wrote {path}")
     return 0
 
@@ -475,8 +518,8 @@ def _check_args(args) -> None:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-    if args.k < 1:
-        raise UsageError(f"--k must be >= 1, got {args.k}")
+    if min(args.k) < 1:
+        raise UsageError(f"--k must be >= 1, got {min(args.k)}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.cache is not None and Path(args.cache).suffix != ".pt":
@@ -492,6 +535,9 @@ def _log(message: str) -> None:
 def cmd_rewards(args) -> int:
     if args.tia2 is not None:
         return cmd_tia2(args)
+    for flag, value in (("--splits", args.splits), ("--scores", args.scores), ("--reference", args.reference)):
+        if value:
+            raise UsageError(f"{flag} needs --tia2 FOLDER")
     _check_args(args)
     specs = with_contrastive(_parse_reward_names(args.rewards), _contrastive_arg(args.contrastive))
     prompts = benchmark_prompts(args.prompts)
@@ -555,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     r.add_argument("--seed", type=int, default=0, help="seed of the images (the prompts are fixed)")
-    r.add_argument("--k", type=int, default=4, help="k of AP@k (default 4)")
+    r.add_argument("--k", type=int, nargs="+", default=list(AP_KS), metavar="K",
+                   help=f"the k's of AP@k (default {' '.join(map(str, AP_KS))}, as TextNorm's release)")
     r.add_argument("--cache", default=None, metavar="PATH.pt", help="image cache: reused when it matches")
     r.add_argument("--json", default=None, metavar="PATH", help="write the full report here")
     r.add_argument("--rewards", nargs="+", default=None, metavar="NAME",
@@ -565,8 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32, help="images per generation/scoring batch")
     r.add_argument("--device", default="cpu", help="torch device (default cpu)")
     r.add_argument("--tia2", default=None, metavar="FOLDER",
-                   help="score a TIA2 folder (human_annotations/, prompts/, images) instead of generating "
-                        "TIA2-shapes; --prompts, --images, --steps, --guidance, --seed, --model, --cache do not apply")
+                   help="compare models on a TIA2 folder (TextNorm's release: human_annotations/, prompts/, "
+                        "alignment_scores/, images/<split>/) instead of generating TIA2-shapes: the --rewards on "
+                        "its images (none by default), --scores files, --reference; --prompts, --images, --steps, "
+                        "--guidance, --seed, --model, --cache do not apply")
+    r.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
+                   help="with --tia2: the splits to read (default all: counting, composition, comprehensive)")
+    r.add_argument("--scores", nargs="+", default=None, metavar="FILE",
+                   help="with --tia2: a model's precomputed scores, JSON {split: {image: score}} or CSV with the "
+                        "columns split, image, score; the model is named by the file's stem")
+    r.add_argument("--reference", action="store_true",
+                   help="with --tia2: add the release's own models (alignment_scores/) as rows")
     r.add_argument("--contrastive", default=None, metavar="SPEC",
                    help="contrastive prompts of TextNorm rewards that set none: shapes, rules, tia2 (the "
                         "folder's prompts/, rules for the rest) or a JSON spec (default: tia2 with --tia2, else "

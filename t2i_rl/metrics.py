@@ -2,18 +2,20 @@
 
 TextNorm's TIA2 benchmark scores a reward model one prompt at a time: the M images of a prompt are
 ranked by the reward and the ranking is compared with binary human labels (AUROC, AUPRC, AP@k) or
-with graded ones (Spearman, Kendall); the per-prompt numbers are then averaged over prompts.
+with graded ones (Spearman, Kendall's tau-b); the per-prompt numbers are then averaged over
+prompts. The definitions are those that reproduce the per-prompt numbers of TextNorm's release
+(see `t2i_rl.tia2`), and TIA2-shapes uses the same ones, so that both tables mean the same thing.
 
 Conventions, chosen so that a reward cannot gain from ties or from prompts without information:
 
 * Ties between scores are resolved by expectation, never by input order: AUROC counts a tied
   (positive, negative) pair as one half (Mann-Whitney U with mid-ranks); AUPRC puts tied scores at
-  one threshold (as scikit-learn's `average_precision_score`); AP@k is the expected value over a
-  uniformly random order of tied images. A constant reward therefore gets AUROC 0.5 and AUPRC and
-  AP@k near the base rate.
-* A prompt whose binary labels are all equal has no AUROC, AUPRC or AP@k: NaN. A prompt whose
-  graded targets are all equal has no Spearman or Kendall: NaN. `aggregate` skips NaNs and reports
-  how many prompts counted.
+  one threshold (step-wise average precision, as scikit-learn's `average_precision_score`); AP@k
+  is the expected value over a uniformly random order of tied images. A constant reward therefore
+  gets AUROC 0.5 and AUPRC near the base rate.
+* A prompt whose binary labels are all equal counts for no metric: `prompt_metrics` gives it NaN
+  everywhere, Spearman and Kendall included, and `aggregate` skips NaNs and reports how many
+  prompts counted.
 * Scores that are all equal while the targets vary have no rank association: Spearman and Kendall
   are 0 there (scipy would say NaN, which would drop the prompt and flatter a reward that cannot
   tell the images apart).
@@ -22,14 +24,18 @@ Conventions, chosen so that a reward cannot gain from ties or from prompts witho
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["auroc", "auprc", "ap_at_k", "spearman", "kendall", "prompt_metrics", "aggregate", "METRICS"]
+__all__ = ["auroc", "auprc", "ap_at_k", "spearman", "kendall", "prompt_metrics", "aggregate", "METRICS", "AP_KS"]
 
 METRICS: tuple[str, ...] = ("auroc", "auprc", "ap@k", "spearman", "kendall")
-"""Metric names in `prompt_metrics`' output; "ap@k" is written with the actual k (e.g. "ap@4")."""
+"""Metric names in `prompt_metrics`' output; "ap@k" is written once per k (e.g. "ap@5", "ap@10")."""
+
+AP_KS: tuple[int, ...] = (5, 10, 25)
+"""The k's of AP@k that TextNorm's release reports."""
 
 
 def _vectors(scores, labels, what: str = "labels") -> tuple[np.ndarray, np.ndarray]:
@@ -98,45 +104,60 @@ def auprc(scores, labels) -> float:
     return float(np.sum(gains * precision))
 
 
-def ap_at_k(scores, labels, k: int) -> float:
-    """Average precision at k: (1 / min(k, #positives)) * sum_{i<=k} P@i * rel_i.
+def _expected_hit_precisions(sizes: np.ndarray, positives: np.ndarray) -> float:
+    """E[sum_i rel_i * P@i] over the positions of consecutive tie groups (sizes, positives in
+    each), every order within a group equally likely.
 
-    rel_i is the label of the image at rank i (by descending score) and P@i the precision of the
-    top i. Ties are averaged: the result is the exact expectation over a uniformly random order
-    of tied images (so it does not depend on the input order). 1 means the top min(k, #positives)
-    images are all positive. NaN when there is no positive image.
-
-    >>> ap_at_k([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0], k=2)   # (1/2) * (1/1)
-    0.5
+    For a position in a group of m images with p positives E[rel] = p/m; for two distinct positions
+    of one group E[rel_i rel_j] = p(p-1)/(m(m-1)); positions in different groups are independent.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    s, y = _binary(scores, labels)
-    n_pos = int(y.sum())
-    if n_pos == 0:
-        return math.nan
-    k = min(int(k), y.size)
-    # Rank positions 0..k-1 fall into groups of tied scores. For a position in a group of m images
-    # with p positives, E[rel] = p/m; for two distinct positions of one group E[rel_i rel_j] =
-    # p(p-1)/(m(m-1)); positions in different groups are independent.
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    _, starts, sizes = np.unique(-s_sorted, return_index=True, return_counts=True)
-    group = np.repeat(np.arange(starts.size), sizes)
-    pos_in_group = np.add.reduceat(y_sorted.astype(np.float64), starts)
-    m, p = sizes[group[:k]].astype(np.float64), pos_in_group[group[:k]]
+    group = np.repeat(np.arange(sizes.size), sizes)
+    m, p = sizes[group].astype(np.float64), positives[group].astype(np.float64)
     e_rel = p / m
-    same = group[:k, None] == group[None, :k]
+    same = group[:, None] == group[None, :]
     e_pair = np.where(
         same,
         p[:, None] * np.maximum(p[:, None] - 1, 0) / (m[:, None] * np.maximum(m[:, None] - 1, 1)),
         e_rel[:, None] * e_rel[None, :],
     )
     np.fill_diagonal(e_pair, e_rel)
-    # AP@k = (1/D) sum_i (1/i) sum_{j<=i} rel_i rel_j, positions counted from 1.
-    lower = np.tril(e_pair).sum(axis=1)
-    total = np.sum(lower / np.arange(1, k + 1))
-    return float(total / min(k, n_pos))
+    # sum_i rel_i * P@i = sum_i (1/i) sum_{j<=i} rel_i rel_j, positions counted from 1.
+    return float(np.sum(np.tril(e_pair).sum(axis=1) / np.arange(1, group.size + 1)))
+
+
+def ap_at_k(scores, labels, k: int) -> float:
+    """Average precision at k: the mean of P@i over the ranks i <= k that hold a positive image.
+
+    P@i is the precision of the top i (by descending score). 0 when none of the top k is positive;
+    the sum is divided by the number of hits in the top k, not by min(k, #positives), as in
+    TextNorm's release. Ties are averaged: the result is the exact expectation over a uniformly
+    random order of tied images (so it does not depend on the input order).
+
+    >>> ap_at_k([0.9, 0.8, 0.7, 0.6], [0, 1, 1, 0], k=3)   # (1/2 + 2/3) / 2
+    0.5833333333333333
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    s, y = _binary(scores, labels)
+    if not y.any():
+        return 0.0
+    k = min(int(k), y.size)
+    order = np.argsort(-s, kind="stable")
+    _, starts, sizes = np.unique(-s[order], return_index=True, return_counts=True)
+    positives = np.add.reduceat(y[order].astype(np.int64), starts)
+    # The tie group the cut at k falls in has r of its m positions in the top k; the number h of
+    # positives among them is hypergeometric, and given h those r positions are a group of their own.
+    last = int(np.searchsorted(starts, k, side="right")) - 1
+    r, m, p = k - int(starts[last]), int(sizes[last]), int(positives[last])
+    fixed = int(positives[:last].sum())
+    total = 0.0
+    for h in range(max(0, r - (m - p)), min(r, p) + 1):
+        if fixed + h == 0:
+            continue
+        weight = math.comb(p, h) * math.comb(m - p, r - h) / math.comb(m, r)
+        top = _expected_hit_precisions(np.r_[sizes[:last], r], np.r_[positives[:last], h])
+        total += weight * top / (fixed + h)
+    return float(total)
 
 
 def _rank_correlation(fn, scores, targets) -> float:
@@ -170,14 +191,22 @@ def kendall(scores, targets) -> float:
     return _rank_correlation(lambda a, b: stats.kendalltau(a, b, variant="b"), scores, targets)
 
 
-def prompt_metrics(scores, labels, graded, k: int = 4) -> dict[str, np.ndarray]:
+def _ks(k) -> tuple[int, ...]:
+    ks = (k,) if isinstance(k, (int, np.integer)) else tuple(k)
+    if not ks:
+        raise ValueError("no k for AP@k")
+    return ks
+
+
+def prompt_metrics(scores, labels, graded, k: int | Iterable[int] = AP_KS) -> dict[str, np.ndarray]:
     """Every metric for each prompt (row) of [P, M] arrays of scores, binary labels and graded labels.
 
-    Returns {"auroc", "auprc", f"ap@{k}", "spearman", "kendall"} -> float arrays [P], NaN where a
-    prompt does not count. AP@k is NaN wherever AUROC is (all labels equal), so that the three
-    binary metrics are averaged over the same prompts (an all-positive prompt would give AP@k = 1
-    to any reward).
+    Returns {"auroc", "auprc", "ap@K" for each K in `k`, "spearman", "kendall"} -> float arrays
+    [P]. A prompt whose binary labels are all equal is NaN in every metric (an all-positive prompt
+    would give AP@k = 1 to any reward, and TextNorm's release leaves such prompts out of Spearman
+    and Kendall too), so that every metric is averaged over the same prompts.
     """
+    ks = _ks(k)
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels)
     g = np.asarray(graded, dtype=np.float64)
@@ -185,12 +214,15 @@ def prompt_metrics(scores, labels, graded, k: int = 4) -> dict[str, np.ndarray]:
         raise ValueError(
             f"scores, labels and graded must be [P, M] arrays of one shape, got {s.shape}, {y.shape}, {g.shape}"
         )
-    out = {name: np.full(s.shape[0], np.nan) for name in ("auroc", "auprc", f"ap@{k}", "spearman", "kendall")}
+    names = ("auroc", "auprc", *(f"ap@{j}" for j in ks), "spearman", "kendall")
+    out = {name: np.full(s.shape[0], np.nan) for name in names}
     for i in range(s.shape[0]):
         out["auroc"][i] = auroc(s[i], y[i])
+        if math.isnan(out["auroc"][i]):
+            continue
         out["auprc"][i] = auprc(s[i], y[i])
-        if not math.isnan(out["auroc"][i]):
-            out[f"ap@{k}"][i] = ap_at_k(s[i], y[i], k)
+        for j in ks:
+            out[f"ap@{j}"][i] = ap_at_k(s[i], y[i], j)
         out["spearman"][i] = spearman(s[i], g[i])
         out["kendall"][i] = kendall(s[i], g[i])
     return out

@@ -58,19 +58,24 @@ def test_auprc_does_not_depend_on_input_order_under_ties():
 def test_ap_at_k_hand_examples():
     s = [0.9, 0.8, 0.7, 0.6]
     assert ap_at_k(s, [1, 0, 1, 0], k=1) == 1.0
-    assert ap_at_k(s, [1, 0, 1, 0], k=2) == pytest.approx(0.5)  # (1/2) * (1)
+    assert ap_at_k(s, [1, 0, 1, 0], k=2) == 1.0  # one hit in the top 2, at precision 1
     assert ap_at_k(s, [1, 0, 1, 0], k=3) == pytest.approx((1 + 2 / 3) / 2)
     assert ap_at_k(s, [0, 1, 1, 0], k=4) == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert ap_at_k(s, [0, 0, 0, 1], k=2) == 0.0  # no positive in the top 2
-    assert ap_at_k(s, [1, 1, 1, 0], k=2) == 1.0  # normalized by min(k, #positives)
+    assert ap_at_k(s, [0, 0, 0, 1], k=2) == 0.0  # no hit in the top 2
+    assert ap_at_k(s, [0, 0, 0, 1], k=4) == 0.25  # divided by the hits, not by min(k, #positives)
+    assert ap_at_k(s, [0, 0, 0, 0], k=4) == 0.0
+    assert ap_at_k(s, [1, 1, 1, 0], k=2) == 1.0
     assert ap_at_k(s, [1, 0, 1, 0], k=10) == pytest.approx((1 + 2 / 3) / 2)  # k beyond M
 
 
 def test_ap_at_k_averages_over_tie_orders():
     # top two tied (one positive): the top is positive half of the time
     assert ap_at_k([1, 1, 0], [1, 0, 1], k=1) == pytest.approx(0.5)
-    # orders (+ - +): 1/2 ; (- + +): (1/2)/2   -> mean 0.375
-    assert ap_at_k([1, 1, 0], [1, 0, 1], k=2) == pytest.approx(0.375)
+    # orders (+ - +): 1 ; (- + +): 1/2   -> mean 0.75
+    assert ap_at_k([1, 1, 0], [1, 0, 1], k=2) == pytest.approx(0.75)
+    # a tie group cut by k: 2 positives among 4 tied images, 2 in the top 2: no hit with
+    # probability 1/6, one hit (mean precision 3/4) with 4/6, two with 1/6
+    assert ap_at_k([1, 1, 1, 1], [1, 0, 1, 0], k=2) == pytest.approx(4 / 6 * 3 / 4 + 1 / 6)
 
 
 def test_ap_at_k_matches_brute_force_over_tie_orders():
@@ -80,14 +85,12 @@ def test_ap_at_k_matches_brute_force_over_tie_orders():
             if y[i]:
                 hits += 1
                 total += hits / (i + 1)
-        return total / min(k, sum(y))
+        return total / hits if hits else 0.0
 
     rng = np.random.default_rng(1)
     for _ in range(40):
         s = rng.integers(0, 3, 6).astype(float)
         y = rng.integers(0, 2, 6)
-        if y.sum() == 0:
-            continue
         k = int(rng.integers(1, 7))
         orders = []
         for perm in itertools.permutations(range(6)):
@@ -126,7 +129,6 @@ def test_all_equal_labels_give_nan():
     for labels in ([1, 1, 1], [0, 0, 0]):
         assert math.isnan(auroc([1, 2, 3], labels))
         assert math.isnan(auprc([1, 2, 3], labels))
-    assert math.isnan(ap_at_k([1, 2, 3], [0, 0, 0], k=2))
 
 
 def test_bad_inputs_raise():
@@ -141,18 +143,22 @@ def test_bad_inputs_raise():
 def test_prompt_metrics_and_aggregate_skip_prompts_that_do_not_count():
     scores = np.array([[4, 3, 2, 1], [1, 2, 3, 4], [1, 2, 3, 4]], dtype=float)
     labels = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-    graded = np.array([[1, 1, 0.5, 0.25], [1, 1, 0.5, 0.25], [1, 1, 1, 1]])
-    per = prompt_metrics(scores, labels, graded, k=2)
-    assert set(per) == {"auroc", "auprc", "ap@2", "spearman", "kendall"}
+    graded = np.array([[1, 1, 0.5, 0.25], [1, 1, 0.5, 0.25], [1, 1, 0.9, 0.75]])
+    per = prompt_metrics(scores, labels, graded, k=(2, 5))
+    assert set(per) == {"auroc", "auprc", "ap@2", "ap@5", "spearman", "kendall"}
     np.testing.assert_allclose(per["auroc"][:2], [1.0, 0.0])
-    assert np.isnan(per["auroc"][2]) and np.isnan(per["auprc"][2])
-    assert np.isnan(per["ap@2"][2])  # all-positive prompt: skipped like AUROC, not a free 1
-    assert np.isnan(per["spearman"][2]) and np.isnan(per["kendall"][2])
+    # the all-positive prompt counts for no metric: not a free AP@k of 1, and no Spearman or
+    # Kendall although its graded target varies
+    for metric, values in per.items():
+        assert np.isnan(values[2]), metric
     assert per["ap@2"][0] == 1.0 and per["ap@2"][1] == 0.0
+    assert per["ap@5"][1] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert list(prompt_metrics(scores, labels, graded)) == ["auroc", "auprc", "ap@5", "ap@10", "ap@25",
+                                                            "spearman", "kendall"]
 
     agg = aggregate(per)
     assert agg["auroc"] == {"mean": 0.5, "n": 2}
-    assert agg["ap@2"]["n"] == 2
+    assert agg["ap@2"]["n"] == 2 and agg["spearman"]["n"] == 2
     only_first = aggregate(per, mask=np.array([True, False, True]))
     assert only_first["auroc"] == {"mean": 1.0, "n": 1}
     none = aggregate(per, mask=np.array([False, False, True]))
