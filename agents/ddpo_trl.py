@@ -49,7 +49,7 @@ from t2i_rl import distributed
 from .base import Agent, Rollout
 from .ddpo import DDPOConfig
 
-# Keys that TRL logs after each optimizer step, and the names they get here (DESIGN.md's tags).
+# Keys that TRL logs after each optimizer step, and the names they get here (the README's stable tags).
 _TRL_TAGS = {"loss": "loss/policy", "approx_kl": "policy/approx_kl", "clipfrac": "policy/clipfrac"}
 
 

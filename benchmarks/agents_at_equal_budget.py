@@ -1,19 +1,26 @@
-"""Every agent for the same wall-clock budget on the default task, one line each: held-out gold
-before (the base model, epoch 0) and after, the proxy, and the KL to the base model.
+"""Every agent for the same wall-clock budget on the default task, one line each: the judge's
+all-correct and the optimized proxy in the fixed-noise evaluations on the training prompts and on
+held-out prompts, before (the base model, epoch 0) and after, each with its 95% interval, and the
+KL to the base model; and the paired change on the training prompts (image by image, same noise,
+bootstrap over prompts; ↑/↓ where its interval excludes 0; ↑/↓ beside an "after" where the two
+separate intervals are apart).
 
-    python benchmarks/agents_at_equal_budget.py [--budget 2.5] [--agents ddpo dpok ...] [--env textnorm]
-        [--out runs/equal-budget] [--summarize] [-- extra train overrides]
+    python benchmarks/agents_at_equal_budget.py [--budget 10] [--agents ddpo dpok ...] [--env textnorm]
+        [--parallel 2] [--out runs/equal-budget] [--summarize] [-- extra train overrides]
 
-Runs `python -m t2i_rl.train agent=A env=E budget_minutes=B eval.every=0` one after another (never
-side by side: two runs would share the cores and each would get less than its budget), then prints
-a markdown table from each run's metrics.jsonl. `--summarize` only prints the table of runs already
-in `--out`. `ddpo@raw` in `--agents` runs DDPO on the raw reward next to the others.
+Runs `python -m t2i_rl.train agent=A env=E budget_minutes=B` for each agent. `--parallel N` runs N
+at once, each with `threads=cores/N` (on 2 cores: two runs of one thread each), so every agent gets
+the same share of the machine; the default runs one at a time with every core. Then it prints a
+markdown table from each run's metrics.jsonl and draws each run's curves next to its folder
+(`<run>.png`, by `python -m t2i_rl.plot`). `--summarize` only prints the table of runs already in
+`--out`. `ddpo@raw` in `--agents` runs DDPO on the raw reward next to the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,35 +35,81 @@ def split(spec: str, env: str) -> tuple[str, str]:
 
 
 def summarize(run: Path) -> dict[str, float] | None:
-    """Before/after numbers of one run folder, or None when it has no final evaluation."""
+    """First and last evaluation of one run folder, or None when it has no final evaluation."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    evals = [r for r in rows if "eval/gold_correct" in r]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "eval/train/proxy" in r]
     trained = [r for r in rows if "reward/proxy" in r]
     if len(evals) < 2 or not trained:
         return None
-    first, last = evals[0], evals[-1]
-    return {"epochs": len(trained), "gold_before": first["eval/gold_correct"], "gold_after": last["eval/gold_correct"],
-            "proxy_before": first["eval/proxy"], "proxy_after": last["eval/proxy"],
+    return {"epochs": len(trained), "first": evals[0], "last": evals[-1],
             "kl": trained[-1].get("policy/kl_to_base", float("nan")),
-            "seconds": sum(r.get("time/epoch_s", 0.0) for r in trained)}
+            "seconds": sum(r.get("time/epoch_s", 0.0) for r in trained),
+            "paired": paired_changes(run / "evals" / f"epoch{evals[0]['epoch']:04d}.json",
+                                     run / "evals" / f"epoch{evals[-1]['epoch']:04d}.json")}
+
+
+def paired_changes(first: Path, last: Path) -> dict[str, tuple[float, float, float]]:
+    """(change, low, high) of each training-prompt score from the first evaluation to the last, image
+    by image (same prompts, same noise), with a bootstrap over prompts."""
+    from t2i_rl.intervals import paired_bootstrap_interval
+
+    if not (first.is_file() and last.is_file()):
+        return {}
+    before, after = json.loads(first.read_text())["train"], json.loads(last.read_text())["train"]
+    return {key: paired_bootstrap_interval(before[key], after[key], before["prompts"])
+            for key in ("proxy", "gold_correct") if key in before}
+
+
+def interval(row: dict, tag: str, percent: bool) -> str:
+    if row.get(tag) is None:
+        return "n/a"
+    scale, unit, digits = (100, "%", 1) if percent else (1, "", 3)
+    return (f"{scale * row[tag]:.{digits}f}{unit} [{scale * row[tag + '/ci_low']:.{digits}f}, "
+            f"{scale * row[tag + '/ci_high']:.{digits}f}]")
+
+
+def apart(first: dict, last: dict, tag: str) -> str:
+    """Whether the two 95% intervals are disjoint, and in which direction."""
+    if first.get(tag) is None or last.get(tag) is None:
+        return ""
+    if last[tag + "/ci_low"] > first[tag + "/ci_high"]:
+        return " ↑"
+    if last[tag + "/ci_high"] < first[tag + "/ci_low"]:
+        return " ↓"
+    return ""
+
+
+def paired(s: dict, key: str, percent: bool) -> str:
+    if key not in s["paired"]:
+        return "n/a"
+    scale, unit, digits = (100, " pts", 1) if percent else (1, "", 3)
+    change, low, high = (scale * x for x in s["paired"][key])
+    mark = " ↑" if low > 0 else " ↓" if high < 0 else ""
+    return f"{change:+.{digits}f}{unit} [{low:+.{digits}f}, {high:+.{digits}f}]{mark}"
+
+
+COLUMNS = [("eval/train/proxy", False, "train proxy"), ("eval/train/gold_correct", True, "train gold"),
+           ("eval/heldout/proxy", False, "held-out proxy"), ("eval/heldout/gold_correct", True, "held-out gold")]
 
 
 def table(out: Path, specs: list[str], env: str) -> str:
-    lines = ["| agent | env | epochs | train s | held-out gold before | after | change | held-out proxy before | after | KL to base |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = " | ".join(f"{name} before | after" for _, _, name in COLUMNS)
+    lines = [f"| agent | env | epochs | train s | {head} | train proxy change (paired) | train gold change (paired) "
+             "| KL to base |",
+             "|---|---|---:|---:|" + "---:|---:|" * len(COLUMNS) + "---:|---:|---:|"]
     for spec in specs:
         agent, run_env = split(spec, env)
         s = summarize(out / f"{agent}-{run_env}")
         if s is None:
-            lines.append(f"| {agent} | {run_env} | (no finished run) |||||||| |")
+            lines.append(f"| {agent} | {run_env} | (no finished run) |" + " |" * (2 * len(COLUMNS) + 4))
             continue
-        change = 100 * (s["gold_after"] - s["gold_before"])
-        lines.append(f"| {agent} | {run_env} | {s['epochs']} | {s['seconds']:.0f} | {100 * s['gold_before']:.1f}% | "
-                     f"{100 * s['gold_after']:.1f}% | {change:+.1f} pts | {s['proxy_before']:.3f} | "
-                     f"{s['proxy_after']:.3f} | {s['kl']:.1f} |")
+        cells = " | ".join(f"{interval(s['first'], tag, pct)} | {interval(s['last'], tag, pct)}"
+                           f"{apart(s['first'], s['last'], tag)}" for tag, pct, _ in COLUMNS)
+        lines.append(f"| {agent} | {run_env} | {s['epochs']} | {s['seconds']:.0f} | {cells} | "
+                     f"{paired(s, 'proxy', False)} | {paired(s, 'gold_correct', True)} | {s['kl']:.1f} |")
     return "\n".join(lines)
 
 
@@ -65,27 +118,44 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=float, default=2.5, help="minutes of training per agent")
+    p.add_argument("--budget", type=float, default=10.0, help="minutes of training per agent")
     p.add_argument("--agents", nargs="+", default=AGENTS, help="agent names; agent@env picks another env")
     p.add_argument("--env", default="textnorm", help="env of the agents without @env")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once, each with cores/N threads")
     p.add_argument("--out", type=Path, default=Path("runs/equal-budget"), help="one run folder per agent in here")
     p.add_argument("--summarize", action="store_true", help="only print the table of the runs in --out")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget must be > 0 minutes, got {args.budget}")
+    cores = os.cpu_count() or 1
+    if not 1 <= args.parallel <= cores:
+        p.error(f"--parallel must be in [1, {cores}] (the cores here), got {args.parallel}")
     if not args.summarize:
-        for spec in args.agents:
-            agent, env = split(spec, args.env)
-            run = args.out / f"{agent}-{env}"
-            if run.exists():
-                p.error(f"{run} exists: remove it or pick another --out (a finished run would only be resumed)")
-            start = time.perf_counter()
-            cmd = [sys.executable, "-m", "t2i_rl.train", f"agent={agent}", f"env={env}",
-                   f"budget_minutes={args.budget}", "eval.every=0", "samples.every=0", f"output_dir={run}", *extra]
-            args.out.mkdir(parents=True, exist_ok=True)
-            with (args.out / f"{agent}-{env}.log").open("w") as log:
-                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-            print(f"{agent} on {env}: exit {code}, {time.perf_counter() - start:.0f} s (log: {run}.log)", flush=True)
+        runs = [(spec, *split(spec, args.env)) for spec in args.agents]
+        for _, agent, env in runs:
+            if (args.out / f"{agent}-{env}").exists():
+                p.error(f"{args.out / f'{agent}-{env}'} exists: remove it or pick another --out "
+                        "(a finished run would only be resumed)")
+        args.out.mkdir(parents=True, exist_ok=True)
+        threads = cores // args.parallel if args.parallel > 1 else 0
+        for start in range(0, len(runs), args.parallel):
+            procs = []
+            for _, agent, env in runs[start:start + args.parallel]:
+                run = args.out / f"{agent}-{env}"
+                cmd = [sys.executable, "-m", "t2i_rl.train", f"agent={agent}", f"env={env}",
+                       f"budget_minutes={args.budget}", f"threads={threads}", "samples.every=0",
+                       f"output_dir={run}", *extra]
+                log = (args.out / f"{agent}-{env}.log").open("w")
+                procs.append((agent, env, run, time.perf_counter(),
+                              subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            for agent, env, run, began, proc, log in procs:
+                code = proc.wait()
+                log.close()
+                print(f"{agent} on {env}: exit {code}, {time.perf_counter() - began:.0f} s (log: {run}.log)",
+                      flush=True)
+                if (run / "metrics.jsonl").is_file():
+                    subprocess.run([sys.executable, "-m", "t2i_rl.plot", str(run), "--out", f"{run}.png"],
+                                   stdout=subprocess.DEVNULL, check=False)
     print(table(args.out, args.agents, args.env))
     return 0
 

@@ -14,7 +14,7 @@ import torch
 
 
 def rollout_metrics(rewards: torch.Tensor, info: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Map the env's info keys onto DESIGN.md's TensorBoard tags."""
+    """Map the env's info keys onto the stable TensorBoard tags (listed in the README)."""
     out = {"reward/proxy": rewards.float().mean().item()}
     for key, value in info.items():
         v = value.float().mean().item()
