@@ -89,7 +89,10 @@ def trainer_for(agent: str, args: argparse.Namespace, pipeline: Path, reward: Pa
             f"env.reward.path={reward}", f"env.num_steps={args.steps}", f"env.batch_size={args.batch}",
             f"agent.samples_per_epoch={samples}", f"agent.train_batch_size={args.batch}",
             f"agent.lora_rank={args.lora_rank}", "epochs=1", f"output_dir={run_dir}",
-            "eval.num_prompts=0", "samples.every=0", "resume=false"])
+            "eval.num_prompts=0", "eval.train_images=0", "samples.every=0", "resume=false",
+            # DDPO as its paper runs it on SD (every step trained, per-prompt statistics), not the
+            # ShapesWorld recipe of the agent config (groups of 8, the first 4 steps)
+            *(["agent.group_size=0", "agent.train_steps=0"] if agent == "ddpo" else [])])
     return Trainer(cfg)
 
 

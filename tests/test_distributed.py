@@ -66,6 +66,9 @@ def run_jobs(tmp: Path, jobs: list[dict], launcher: tuple[str, ...] = MULTI) -> 
 
 def train_job(assets: dict, run_dir: Path, agent: str, out: str, epochs: int = 1, *extra: str) -> dict:
     overrides, reward = tiny_overrides(assets, run_dir, agent, "raw", epochs=epochs)
+    # the grammar's 5,472 prompts, so that the ranks' own random streams show in the prompts they draw
+    # (one group each from the 16 fixed prompts could coincide)
+    overrides.append("env.prompts=composition-train")
     return {"kind": "train", "overrides": [*overrides, *extra], "reward": reward, "out": out}
 
 
@@ -243,7 +246,7 @@ def test_per_process_config_splits_the_sample_counts():
 @pytest.mark.parametrize("overrides, message", [
     (["eval.num_prompts=6", "eval.batch_size=6"], "eval.num_prompts = 6 is invalid with 4 processes"),
     (["eval.num_prompts=24", "eval.batch_size=4"], r"share per process \(here 6\)"),
-    (["agent.samples_per_epoch=30"], "agent.samples_per_epoch = 30 is invalid with 4 processes"),
+    (["agent.samples_per_epoch=30", "agent.group_size=2"], "agent.samples_per_epoch = 30 is invalid with 4 processes"),
     (["agent.samples_per_epoch=32", "env.batch_size=16"], r"each process's share \(8\) must be a multiple of "
                                                           r"env.batch_size \(16\)"),
     (["agent=sb3"], r"^agent=sb3 runs in one process; got 4 processes \(Stable-Baselines3's PPO has no "
@@ -252,8 +255,7 @@ def test_per_process_config_splits_the_sample_counts():
 def test_validate_checks_the_shares_of_each_process(monkeypatch, overrides, message):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["env.batch_size=2", "agent.group_size=2",
-                                                       "eval.train_images=0", *overrides])
+        cfg = compose(config_name="config", overrides=["env.batch_size=2", "eval.train_images=0", *overrides])
     with pytest.raises(ValueError, match=message):
         validate(cfg)
     monkeypatch.setenv("WORLD_SIZE", "1")

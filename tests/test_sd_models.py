@@ -50,7 +50,7 @@ def sd_cfg(model, folder, run_dir, reward, agent="ddpo", overrides=()):
             f"model={model}", f"model.pipeline={folder}", f"model.resolution={RESOLUTION}", f"agent={agent}",
             "env=raw", "env.batch_size=2", "env.num_steps=3", "agent.samples_per_epoch=2",
             "agent.train_batch_size=2", "agent.lora_rank=4", "epochs=1", f"output_dir={run_dir}",
-            "eval.num_prompts=0", "samples.every=0",
+            "eval.num_prompts=0", "eval.train_images=0", "samples.every=0",
             "diagnostics.kl_samples=2", *tiny_agent_overrides(agent), *overrides])
     cfg.env.reward = reward
     return cfg
