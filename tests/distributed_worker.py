@@ -76,8 +76,11 @@ def train(job: dict) -> dict:
     if cfg.agent.name == "ddpo":  # this rank's advantages, and one process's on every rank's samples
         out["advantages"] = distributed.gather(agent.advantages(rollout))
         prompts, rewards = distributed.gather_list(rollout.prompts), distributed.gather(rollout.rewards)
-        out["one_process_advantages"] = tracker.update(prompts, rewards).clamp(-agent.cfg.adv_clip_max,
-                                                                              agent.cfg.adv_clip_max)
+        from agents.base import per_prompt_normalize
+
+        # one process's rule on the whole batch: group-relative (GRPO-style groups) or running statistics
+        whole = per_prompt_normalize(prompts, rewards) if agent.cfg.group_size else tracker.update(prompts, rewards)
+        out["one_process_advantages"] = whole.clamp(-agent.cfg.adv_clip_max, agent.cfg.adv_clip_max)
     return out
 
 
