@@ -53,11 +53,16 @@ def model_float16(model: DictConfig, agent_cfg) -> bool:
 def validate(cfg: DictConfig):
     """Build and validate the agent config and the run settings; raise ValueError on bad values."""
     from agents import agent_class
+    from envs import make_prompt_source
     from t2i_rl.models import check_model_config
 
     cls = agent_class(cfg.agent.name)
     agent_cfg = cls.config_class.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))
     check_model_config(cfg.model)
+    try:  # a prompt file that is missing or unreadable fails here, in one line, not after the models load
+        make_prompt_source(cfg.env.prompts)
+    except FileNotFoundError as err:
+        raise ValueError(f"env.prompts = {cfg.env.prompts} is invalid: {err}") from None
     world = distributed.launched_world_size()
     distributed.check_precision(cfg.model.dtype)
     if model_float16(cfg.model, agent_cfg) and cls.own_optimizer_reason:
