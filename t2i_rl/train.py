@@ -166,8 +166,8 @@ class Trainer:
         elif cfg.shard_optimizer and world > 1:  # one process has nothing to shard: AdamW as it is
             self.agent.shard_optimizer()
         # fixed evaluation sets, the training prompts and held-out ones, each sampled with its own fixed
-        # noise by an env of its own batch size (the held-out noise stream is the one the README's
-        # earlier numbers were measured with: seed + 1, prompts drawn after the train source's draw)
+        # noise by an env of its own batch size (each env's seeded reset first draws from the training
+        # prompt source, so that source is part of what fixes the x_T stream)
         heldout = cfg.eval.prompts or heldout_counterpart(cfg.env.prompts) or cfg.env.prompts
         self.eval_sets = {}
         for name, prompts, seed in [
