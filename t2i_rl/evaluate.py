@@ -23,7 +23,7 @@ class Evaluation:
     steps: int
     guidance: float
     eta: float
-    accuracy: dict[str, float]  # attribute -> fraction right, plus "all_correct" and "score"
+    accuracy: dict[str, float]  # attribute -> fraction right, plus "all_correct", "unsure" and "score"
     images_per_s: float
 
 
@@ -45,14 +45,17 @@ def evaluate_pipeline(pipe, world: ShapesWorld, n: int = 512, steps: int = 20, g
     prompts = world.sample_prompts(n, seed=seed, split="heldout")
     images, speed = generate(pipe, prompts, steps, guidance, eta, batch, seed)
     result = world.judge(images, prompts)
-    acc = {a: result.attributes[a].float().mean().item() for a in ATTRIBUTES}
-    acc["all_correct"] = result.correct.float().mean().item()
+    # rates over the images the judge is sure about (of that attribute; of every attribute for
+    # all-correct), and the share it hesitates on beside them
+    acc = {a: result.attributes[a][~result.unsure[a]].float().mean().item() for a in ATTRIBUTES}
+    acc["all_correct"] = result.correct[result.sure].float().mean().item()
+    acc["unsure"] = 1.0 - result.sure.float().mean().item()
     acc["score"] = result.score.mean().item()
     return Evaluation(n, steps, guidance, eta, acc, speed)
 
 
 def markdown(rows: list[Evaluation]) -> str:
-    cols = [*ATTRIBUTES, "all_correct", "score"]
+    cols = [*ATTRIBUTES, "all_correct", "unsure", "score"]
     lines = ["| steps | guidance | eta | n | " + " | ".join(cols) + " | images/s |",
              "|---" * (len(cols) + 5) + "|"]
     for r in rows:

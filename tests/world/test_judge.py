@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2i_rl.world import ShapesWorld, parse_prompt, verdict
+from t2i_rl.world import Perception, SeenObject, ShapesWorld, parse_prompt, verdict
 
 N = 300  # the full 2,000-image check is the slow test below
 
@@ -106,3 +106,81 @@ def test_larger_images_are_read_at_the_world_resolution():
 def test_bad_images_raise_clear_errors(images, match):
     with pytest.raises(ValueError, match=match):
         ShapesWorld().judge(images, ["one red circle on a white background"] * 2)
+
+
+def _seen(*objects, background="white", background_unsure=False):
+    return Perception(background, tuple(SeenObject(*o[:2], 50.0, frozenset(o[2:])) for o in objects),
+                      background_unsure)
+
+
+@pytest.mark.parametrize("seen, want", [
+    # sure and right
+    (_seen(("red", "circle"), ("red", "circle")), ({"count": True, "color": True, "shape": True}, True)),
+    # one shape unsure: shape unsure, count and colour still sure
+    (_seen(("red", "circle"), ("red", "circle", "shape")), ({"count": True, "color": True, "shape": None}, True)),
+    # a sure square among them: shape surely wrong, whatever the unsure one is
+    (_seen(("red", "square"), ("red", "circle", "shape")), ({"count": True, "color": True, "shape": False}, True)),
+    # maybe a third object of no palette colour (a barely visible one): only colour is unsure
+    (_seen(("red", "circle"), ("red", "circle"), (None, None, "exists")),
+     ({"count": True, "color": None, "shape": True}, True)),
+    # maybe a third red circle (an unsure split): count unsure
+    (_seen(("red", "circle"), ("red", "circle"), ("red", "circle", "exists")),
+     ({"count": None, "color": True, "shape": True}, True)),
+    # a sure faint object of no palette colour: a stray colour, surely
+    (_seen(("red", "circle"), ("red", "circle"), (None, None)), ({"count": True, "color": False, "shape": True}, True)),
+    # three sure red objects: count surely wrong even with an unsure fourth
+    (_seen(("red", "circle"), ("red", "circle"), ("red", "circle"), ("red", "circle", "exists")),
+     ({"count": False, "color": True, "shape": True}, True)),
+    # colour unsure on one of two: count can't be sure either
+    (_seen(("red", "circle"), ("red", "circle", "color")), ({"count": None, "color": None, "shape": True}, True)),
+    # background between two names
+    (_seen(("red", "circle"), ("red", "circle"), background_unsure=True),
+     ({"count": True, "color": True, "shape": True}, None)),
+    (_seen(("red", "circle"), ("red", "circle"), background=None), ({"count": True, "color": True, "shape": True}, False)),
+])
+def test_verdict_is_three_valued(seen, want):
+    groups, bg = verdict(seen, parse_prompt("two red circles on a white background"))
+    assert (groups[0], bg) == want
+
+
+def test_unsure_attributes_count_half_in_the_score_and_nothing_in_correct():
+    w = ShapesWorld()
+    prompt = "one red circle on a white background"
+    image = w.render([prompt], seed=0)
+    background = (image - torch.tensor([0.95, 0.95, 0.95]).view(1, 3, 1, 1)).abs().sum(1) < 0.2
+    image[:, :, background[0]] = 0.78  # light grey: between white and a colour that is not white
+    r = w.judge(image, [prompt])
+    assert r.perceptions[0].background_unsure and r.unsure["background"][0]
+    assert not r.correct[0] and not r.sure[0] and not r.attributes["background"][0]
+    assert r.score[0].item() == pytest.approx((3 + 0.5) / 4)
+
+
+def test_a_person_reads_these_as_a_person_would():
+    """Five probes of the kinds an RL policy finds, each drawn here by hand."""
+    w = ShapesWorld()
+    yy, xx = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")
+    red, white = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1), torch.tensor([0.95] * 3).view(3, 1, 1)
+
+    def draw(mask):
+        m = mask.float()
+        return (white * (1 - m) + red * m).unsqueeze(0)
+
+    def disk(cx, cy, r):
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+    one = "one red circle on a white background"
+    # two touching circles are two objects
+    assert not w.judge(draw(disk(11, 16, 5) | disk(21, 16, 5)), [one]).correct[0]
+    assert w.judge(draw(disk(11, 16, 5) | disk(21, 16, 5)), ["two red circles on a white background"]).attributes["count"][0]
+    # an ellipse of aspect 0.4 is no circle
+    assert not w.judge(draw(((xx - 16) / 7) ** 2 + ((yy - 16) / 2.8) ** 2 <= 1), [one]).correct[0]
+    # a triangle pointing down is a triangle
+    down = (yy >= 10) & (yy <= 22) & ((xx - 16).abs() <= (22 - yy) / 2)
+    assert w.judge(draw(down), ["one red triangle on a white background"]).correct[0]
+    # a square rotated 45 degrees is a square
+    diamond = ((xx - 16).abs() + (yy - 16).abs()) <= 7
+    assert w.judge(draw(diamond), ["one red square on a white background"]).correct[0]
+    # light grey is not white
+    grey = draw(disk(16, 16, 5)) * 0 + torch.tensor([0.75] * 3).view(1, 3, 1, 1)
+    grey[0, :, disk(16, 16, 5)] = red.view(3, 1)
+    assert not w.judge(grey, [one]).attributes["background"][0]
