@@ -6,6 +6,7 @@ The policy acts (t2i_rl.policy.DiffusionPolicy); the agent updates it (Stable-Ba
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +36,11 @@ class AgentConfig:
     per_process_fields: ClassVar[tuple[str, ...]] = ("samples_per_epoch", "train_batch_size")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # NaN or inf would reach the weights in one step; +inf only where it means "off"
+            value, inf_ok = getattr(self, f.name), f.metadata.get("inf_ok", False)
+            if isinstance(value, float) and not (math.isfinite(value) or value == math.inf and inf_ok):
+                raise ValueError(f"agent.{f.name} = {value!r} is invalid: {self.help(f.name)}; must be a finite "
+                                 f"number{' or .inf' if inf_ok else ''}")
         checks = {
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
@@ -85,6 +91,38 @@ _RULES = {
 }
 
 
+class TrainingDiverged(RuntimeError):
+    """`StepHealth.max_bad_steps` optimizer steps in a row were skipped: the run stops, since its
+    weights no longer learn (its checkpoints hold the last weights that were finite)."""
+
+
+@dataclass
+class StepHealth:
+    """The optimizer steps skipped for a non-finite loss or gradient norm, counted for the logs
+    (`health/skipped_steps`); `max_bad_steps` of them in a row raise `TrainingDiverged`."""
+
+    max_bad_steps: int = 10
+    skipped: int = 0  # since the last `take_skipped`
+    in_a_row: int = 0
+
+    def allows(self, norm: float) -> bool:
+        """Whether a step whose gradients have this norm may go ahead (a non-finite loss comes as inf)."""
+        if math.isfinite(norm):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_bad_steps:
+            raise TrainingDiverged(f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                                   f"norm (health.max_bad_steps = {self.max_bad_steps})")
+        return False
+
+    def take_skipped(self) -> int:
+        """The steps skipped since the last call."""
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
 @dataclass
 class Rollout:
     """Episodes collected with the current policy, batched along dim 0."""
@@ -99,6 +137,14 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout of these rows (indices into dim 0), in their order."""
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[rows.to(t.device)]
+        return Rollout([self.prompts[i] for i in rows.tolist()], take(self.embeds), take(self.latents),
+                       take(self.log_probs), take(self.rewards), take(self.images),
+                       {k: take(v) for k, v in self.info.items()})
 
     @staticmethod
     def cat(parts: list["Rollout"]) -> "Rollout":
@@ -123,6 +169,8 @@ class Agent(ABC):
     # why the agent steps an optimizer of its own rather than `optimizer_step`'s AdamW, which
     # shard_optimizer, DeepSpeed and float16 loss scaling need (None: it uses `optimizer_step`)
     own_optimizer_reason: ClassVar[str | None] = None
+    # `update` takes rollouts of a multiple of this many samples (after the Trainer drops some)
+    rows_per_update: int = 1
 
     def __init__(self, cfg: AgentConfig, env, policy) -> None:
         if cfg.samples_per_epoch % env.num_envs:
@@ -140,6 +188,7 @@ class Agent(ABC):
         self.generator.manual_seed(0)
         self.engine = None  # DeepSpeed's ZeRO engine, when a DeepSpeed launch trains (`use_deepspeed`)
         self._gathered_optimizer: list[dict] | None = None
+        self.health = StepHealth()
 
     def shard_optimizer(self) -> None:
         """ZeRO stage 1 for a run of several processes (`shard_optimizer=true`): the same AdamW with
@@ -196,6 +245,11 @@ class Agent(ABC):
                        rewards.float(), self.env.images, info)
 
     # 2. update ----------------------------------------------------------------------------
+    def keep_rows(self, rollout: Rollout, rows: torch.Tensor) -> Rollout:
+        """The rollout that `update` will train on: these rows of it, some left out (the Trainer drops
+        the samples whose reward is not finite)."""
+        return rollout.select(rows)
+
     @abstractmethod
     def update(self, rollout: Rollout) -> dict[str, float]:
         """Improve the policy on a rollout; return the losses and statistics to log."""
@@ -214,20 +268,44 @@ class Agent(ABC):
         average the gradients over the processes of a multi-process run, clip, step, zero the
         gradients.
 
-        Returns the gradient norm before clipping (inf when a float16 step overflowed and was skipped)."""
+        A step whose loss or gradient norm is not finite is skipped (`health` counts it), in every
+        process alike. Returns the gradient norm before clipping (inf for a non-finite loss)."""
         if self.engine is not None:  # DeepSpeed reduces (over its partitions), clips, steps and zeroes
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.backward(loss)
-            self.engine.step()
-            return float(self.engine.get_global_grad_norm())
+            self.engine.step()  # its engine steps before the norm is known: counted, not prevented
+            norm = float(self.engine.get_global_grad_norm())
+            self.health.allows(norm)
+            return norm
         self.scaler.scale(loss).backward()
+        if not bool(torch.isfinite(loss.detach())):
+            # inf gradients make the average inf in every process, so that every process skips this step
+            for p in self.params:
+                p.grad = torch.full_like(p, math.inf)
         distributed.average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf)
-        self.scaler.step(self.optimizer)  # skipped, and the scale halved, when a gradient is inf or nan
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf))
+        if self.health.allows(norm):  # a float16 overflow is skipped too, and the scaler halves its scale
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def guard_steps(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put `health`'s check before every step of an optimizer that a library steps in its own loop
+        (TRL, SB3): a step whose gradients are not finite zeroes them instead. The library computed
+        the loss, so a non-finite loss is caught by the gradients it gives."""
+        step = optimizer.step
+
+        @functools.wraps(step)
+        def checked(*args, **kwargs):
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if self.health.allows(float(torch.nn.utils.get_total_norm(grads))):
+                return step(*args, **kwargs)
+            optimizer.zero_grad(set_to_none=True)
+            return None
+
+        optimizer.step = checked
 
     def kl_penalty(self, latents: torch.Tensor, step_index: int, embeds: torch.Tensor) -> torch.Tensor:
         """The per-step KL to the base model (mean over elements), 0 when kl_coef is 0."""

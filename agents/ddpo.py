@@ -22,7 +22,8 @@ from .base import Agent, AgentConfig, Rollout, minibatches, per_prompt_normalize
 @dataclass
 class DDPOConfig(AgentConfig):
     name: str = "ddpo"
-    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon"})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon (.inf: no clip, plain "
+                                                               "importance weighting)", "inf_ok": True})
     adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to +-this"})
     inner_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
     timestep_fraction: float = field(default=1.0, metadata={

@@ -308,6 +308,9 @@ class TRLDDPOAgent(Agent):
                 image_samples_hook=self._image_samples_hook if state.is_main_process else None,
             )
         self.optimizer = self.trainer.optimizer  # TRL's AdamW (accelerate-wrapped) over self.params
+        self.guard_steps(self.optimizer.optimizer)  # the AdamW itself: accelerate calls it once per optimizer step
+        # TRL re-batches the rollout and accumulates over whole optimizer steps
+        self.rows_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps
         if state.num_processes > 1:
             _average_gradients_before_clipping(self.trainer.accelerator)
         self.epoch = 0

@@ -24,7 +24,6 @@ factor T * latent_size; DPOK's beta = 0.01 was on a summed eps-difference).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +41,7 @@ class DPOKConfig(DDPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (math.isfinite(self.kl_beta) and self.kl_beta >= 0):
+        if self.kl_beta < 0:
             raise ValueError(f"agent.kl_beta = {self.kl_beta!r} is invalid: {self.help('kl_beta')}; "
                              "must be a finite number >= 0")
 

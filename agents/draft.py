@@ -16,7 +16,6 @@ K = 1 is DRaFT-1; `truncated_backprop_random` draws K uniformly from 1..k_last p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +48,7 @@ class DRaFTConfig(AgentConfig):
         if not isinstance(self.gradient_checkpointing, bool):
             raise _invalid(type(self), "gradient_checkpointing", self.gradient_checkpointing,
                            "must be true or false")
-        if not (math.isfinite(self.reward_scale) and self.reward_scale > 0):
+        if self.reward_scale <= 0:
             raise _invalid(type(self), "reward_scale", self.reward_scale, "must be > 0")
 
 

@@ -60,11 +60,9 @@ class ReFLConfig(AgentConfig):
             self.late_window = [int(w[0]), int(w[1])]
         if self.loss not in REFL_LOSSES:
             raise _invalid(type(self), "loss", self.loss, f"must be one of {REFL_LOSSES}")
-        if not math.isfinite(self.hinge_margin):
-            raise _invalid(type(self), "hinge_margin", self.hinge_margin, "must be finite")
-        if not (math.isfinite(self.reward_scale) and self.reward_scale > 0):
+        if self.reward_scale <= 0:
             raise _invalid(type(self), "reward_scale", self.reward_scale, "must be > 0")
-        if not (math.isfinite(self.pretrain_beta) and self.pretrain_beta >= 0):
+        if self.pretrain_beta < 0:
             raise _invalid(type(self), "pretrain_beta", self.pretrain_beta, "must be >= 0")
 
 

@@ -30,7 +30,6 @@ center-cropped to a square and resized to the pipeline's image size.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +65,8 @@ class RWRConfig(AgentConfig):
         super().__post_init__()
         checks = [
             ("weighting", self.weighting in WEIGHTINGS, f"must be one of {WEIGHTINGS}"),
-            ("temperature", math.isfinite(self.temperature) and self.temperature > 0, "must be a finite number > 0"),
-            ("pretrain_beta", math.isfinite(self.pretrain_beta) and self.pretrain_beta >= 0,
-             "must be a finite number >= 0"),
+            ("temperature", self.temperature > 0, "must be a finite number > 0"),
+            ("pretrain_beta", self.pretrain_beta >= 0, "must be a finite number >= 0"),
             ("pretrain_batch_size", isinstance(self.pretrain_batch_size, int) and self.pretrain_batch_size >= 1,
              "must be an int >= 1"),
             ("pretrain_data", isinstance(self.pretrain_data, str) and (

@@ -399,6 +399,7 @@ class SB3PPOAgent(Agent):
         # SB3's optimizer is the one that steps (LoRA + value head): checkpoints save its state
         self.optimizer = self.model.policy.optimizer
         self.params = list(self.model.policy.parameters())
+        self.guard_steps(self.optimizer)
         self._seeded = False
         self._episodes_seen = 0
         self._collected = False  # PPO's buffer holds a rollout that `update` has not trained on
@@ -426,6 +427,7 @@ class SB3PPOAgent(Agent):
         model._last_obs = self.vec_env.reset()
         model._last_episode_starts = np.ones((self.vec_env.num_envs,), dtype=bool)
         total, callback = model._setup_learn(self.n_steps, None, reset_num_timesteps=False)
+        model.rollout_buffer.buffer_size = self.n_steps  # `keep_rows` may have shrunk the last one
         self.recorder.take()
         model.collect_rollouts(self.vec_env, callback, model.rollout_buffer, n_rollout_steps=self.n_steps)
         model._update_current_progress_remaining(model.num_timesteps, total)
@@ -453,6 +455,20 @@ class SB3PPOAgent(Agent):
             images=torch.stack([ep["image"] for ep in episodes]).to(device),
             info={k: torch.tensor([float(ep["info"][k]) for ep in episodes], device=device) for k in numeric},
         )
+
+    def keep_rows(self, rollout: Rollout, rows: torch.Tensor) -> Rollout:
+        """PPO trains on its own buffer: the episodes left out leave it too, and its returns and
+        advantages are recomputed without them (a NaN reward would spread through GAE to every earlier
+        episode). Every episode ends in the buffer, so nothing is bootstrapped past its end."""
+        buffer, T = self.model.rollout_buffer, self.policy.num_steps
+        steps = (rows.cpu()[:, None] * T + torch.arange(T)).flatten().numpy()
+        for name in ("actions", "rewards", "episode_starts", "values", "log_probs"):
+            setattr(buffer, name, getattr(buffer, name)[steps])
+        buffer.observations = {k: v[steps] for k, v in buffer.observations.items()}
+        buffer.buffer_size = len(steps)
+        buffer.advantages = np.zeros_like(buffer.rewards)
+        buffer.compute_returns_and_advantage(last_values=torch.zeros(buffer.n_envs), dones=np.ones(buffer.n_envs))
+        return super().keep_rows(rollout, rows)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """PPO's `train()` on the rollout buffer that `collect()` filled (the second half of the

@@ -7,9 +7,22 @@ observations, `gymnasium.make_vec("t2i_rl/Denoise-v0", num_envs=B)` the natively
 torch-native vector env.
 """
 
+import logging
+
 import gymnasium
 
 __version__ = "0.1.0"
+
+
+class _NoTorchvisionFallbackNotice(logging.Filter):
+    """transformers announces at every start that its image processors fall back to PIL without
+    torchvision, which this package never needs; only that notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
 
 ENV_IDS = ("t2i_rl/Denoise-v0",)
 

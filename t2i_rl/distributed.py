@@ -48,6 +48,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (its RANK), before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def deepspeed_launch() -> bool:
     """Whether `accelerate launch --use_deepspeed` started this process."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -72,9 +72,10 @@ class RunLogger:
             return numbers
         for tag, value in numbers.items():
             self.writer.add_scalar(tag, value, step)
-        record = {"epoch": step, **{k: (None if math.isnan(v) else v) for k, v in numbers.items()}}
+        # null for NaN and inf (a skipped step's gradient norm): every line stays strict JSON
+        record = {"epoch": step, **{k: (v if math.isfinite(v) else None) for k, v in numbers.items()}}
         with self._jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         self.writer.flush()
         return numbers
 

@@ -27,7 +27,10 @@ def load_prompt_file(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     if path.suffix not in (".txt", ".json"):
         raise ValueError(f"prompt file {path} must be a .txt (one prompt per line) or a .json list, got {path.suffix!r}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if path.suffix == ".txt":
         prompts = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
     else:
