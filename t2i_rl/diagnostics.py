@@ -20,8 +20,11 @@ def rollout_metrics(rewards: torch.Tensor, info: dict[str, torch.Tensor]) -> dic
         v = value.float().mean().item()
         if key == "gold/score":
             out["reward/gold"] = v
-        elif key == "gold/correct":
-            out["reward/gold_correct"] = v
+        elif key == "gold/correct":  # a rate over the images the judge is sure about
+            sure = info["gold/unsure"] < 0.5 if "gold/unsure" in info else torch.ones_like(value, dtype=torch.bool)
+            out["reward/gold_correct"] = value[sure].float().mean().item() if sure.any() else float("nan")
+        elif key == "gold/unsure":
+            out["reward/gold_unsure"] = v
         elif key.startswith("reward/textnorm/"):
             out["textnorm/" + key.removeprefix("reward/textnorm/")] = v
         elif key.startswith(("reward/", "gold/")):

@@ -9,8 +9,11 @@ checkpoints/last and continues the same run.
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from t2i_rl import distributed
+from agents.base import TrainingDiverged
+from t2i_rl import distributed, runlock
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("agent", "env", "model")
@@ -50,44 +54,176 @@ def model_float16(model: DictConfig, agent_cfg) -> bool:
     return model.dtype == "float16" and agent_cfg.lora_rank is not None
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_device(value: Any) -> bool:
+    """A device torch names and this machine has."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return device.type == "cpu" or device.type == "mps" and torch.backends.mps.is_available()
+
+
+# (key, test, rule): the run's own settings, each tested for its type as well as its range
+RUN_SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", _is_int, "an int"),
+    ("epochs", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("budget_minutes", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: no time limit)"),
+    ("device", _is_device, "a device this machine has: cpu, cuda, cuda:<index> or mps"),
+    ("threads", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: torch's default)"),
+    ("resume", lambda v: isinstance(v, bool) or v == "force",
+     "true, false or force (resume with a changed config)"),
+    ("shard_optimizer", lambda v: isinstance(v, bool), "true or false"),
+    ("env.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("env.num_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("env.eta", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("env.guidance_scale", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("eval.every", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: only at epoch 0)"),
+    ("eval.num_prompts", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("eval.train_images", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("diagnostics.kl_samples", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("diagnostics.kl_every_step", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("diagnostics.hacked_quantile", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("samples.every", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: no sample grids)"),
+    ("samples.num", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("early_stop.enabled", lambda v: isinstance(v, bool), "true or false"),
+    ("early_stop.patience", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("health.max_bad_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+]
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """The run's own settings (`RUN_SETTINGS`), before anything heavy is imported."""
+    for key, ok, rule in RUN_SETTINGS:
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ValueError(f"{key} = {value} is invalid: must be {rule}")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The run folder is a folder, or can be made as one, and can be written (nothing is created here)."""
+    path = Path(output_dir).expanduser().absolute()
+    there = next(p for p in (path, *path.parents) if p.exists())
+    if not there.is_dir():
+        raise ValueError(f"output_dir = {output_dir} is invalid: {there} is a file, not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir = {output_dir} is invalid: {there} is not writable")
+
+
+# what a resumed run may change: how long it runs and on how many threads, not what it trains
+RESUME_MAY_CHANGE = frozenset({"epochs", "budget_minutes", "resume", "output_dir", "threads"})
+
+
+def config_changes(cfg: DictConfig) -> list[str]:
+    """How `cfg` differs from the config of the run it would resume in output_dir, one "key: saved
+    -> now" per changed key; [] when it would resume none."""
+    from t2i_rl.checkpoint import find_checkpoint
+
+    run_dir = Path(cfg.output_dir)
+    saved = run_dir / "config.yaml"
+    if not (cfg.resume and saved.is_file() and find_checkpoint(run_dir / "checkpoints" / "last")):
+        return []
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    unset = "(unset)"
+    keys = [k for k in sorted(before.keys() | now.keys()) if k not in RESUME_MAY_CHANGE and not k.startswith("hydra.")]
+    return [f"{k}: {before.get(k, unset)} -> {now.get(k, unset)}" for k in keys
+            if before.get(k, unset) != now.get(k, unset)]
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """The run folder's contract, checked by the process that writes there: no other live run holds
+    it, and the run it resumes had this config (what changed is listed unless resume=force)."""
+    runlock.check(cfg.output_dir)
+    changes = config_changes(cfg)
+    if changes and cfg.resume != "force":
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise ValueError(f"output_dir = {cfg.output_dir} holds a run of another config ({shown}): resume=force "
+                         "continues it with this config, another output_dir starts afresh")
+
+
+def uses_shapes_contrastive(spec: Any) -> bool:
+    """Whether a reward spec holds a TextNorm whose contrastive prompts come from ShapesWorld's
+    grammar (its default, also as a fallback)."""
+    def shapes(source: Any) -> bool:
+        return source == "shapes" or isinstance(source, dict) and (
+            source.get("name") == "shapes" or shapes(source.get("fallback")))
+
+    if isinstance(spec, dict):
+        if spec.get("name") == "textnorm" and shapes(spec.get("contrastive", "shapes")):
+            return True
+        return any(uses_shapes_contrastive(v) for v in spec.values())
+    return isinstance(spec, list) and any(uses_shapes_contrastive(v) for v in spec)
+
+
+def check_prompts(cfg: DictConfig) -> None:
+    """Read the prompt files of env.prompts and eval.prompts now (a missing or unreadable one fails
+    here, not after the models load) and, when the judge or a `shapes` contrastive source will parse
+    the prompts, parse each against ShapesWorld's grammar (which fails in the first episode otherwise)."""
+    from envs.denoise import SHAPES_PROMPT_SETS
+    from t2i_rl.prompts import load_prompt_set
+    from t2i_rl.world import parse_prompt
+
+    readers = [who for who, on in [
+        ("the judge (env.gold)", bool(cfg.env.gold)),
+        ("the shapes contrastive source of env.reward",
+         uses_shapes_contrastive(OmegaConf.to_container(cfg.env, resolve=True)["reward"])),
+    ] if on]
+    for key in ("env.prompts", "eval.prompts"):
+        source = OmegaConf.select(cfg, key)
+        if source is None or isinstance(source, str) and source in SHAPES_PROMPT_SETS:
+            continue  # none, or ShapesWorld's own
+        try:
+            prompts = (load_prompt_set(source, also_allowed=list(SHAPES_PROMPT_SETS)) if isinstance(source, str)
+                       else list(source))
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{key} = {source} is invalid: {err}") from None
+        for prompt in prompts if readers else []:
+            try:
+                parse_prompt(prompt)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{key} = {source} is invalid: {readers[0]} reads ShapesWorld prompts only, and "
+                                 f"{prompt!r} is not one ({err})") from None
+
+
 def validate(cfg: DictConfig):
     """Build and validate the agent config and the run settings; raise ValueError on bad values."""
     from agents import agent_class
-    from envs import make_prompt_source
-    from t2i_rl.models import check_model_config
 
+    check_run_settings(cfg)
+    check_output_dir(cfg.output_dir)
+    if distributed.launched_rank() == 0:
+        check_run_folder(cfg)
+    check_prompts(cfg)
     cls = agent_class(cfg.agent.name)
     agent_cfg = cls.config_class.from_dict(OmegaConf.to_container(cfg.agent, resolve=True))
-    check_model_config(cfg.model)
-    try:  # a prompt file that is missing or unreadable fails here, in one line, not after the models load
-        make_prompt_source(cfg.env.prompts)
-    except FileNotFoundError as err:
-        raise ValueError(f"env.prompts = {cfg.env.prompts} is invalid: {err}") from None
     world = distributed.launched_world_size()
+    if world == 1:  # with several processes, each process's share must keep these (checked below)
+        for key, count in eval_counts(cfg):
+            if not (count <= cfg.eval.batch_size or count % cfg.eval.batch_size == 0):
+                raise ValueError(f"{key} = {count} is invalid: must be at most eval.batch_size "
+                                 f"({cfg.eval.batch_size}) or a multiple of it")
+        if agent_cfg.samples_per_epoch % cfg.env.batch_size:
+            raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid: must be a "
+                             f"multiple of env.batch_size ({cfg.env.batch_size})")
+    from t2i_rl.models import check_model_config  # diffusers, the slowest import: after the quick checks
+
+    check_model_config(cfg.model)
     distributed.check_precision(cfg.model.dtype)
     if model_float16(cfg.model, agent_cfg) and cls.own_optimizer_reason:
         raise ValueError(f"model.dtype = float16 is invalid for agent={cfg.agent.name} with LoRA: its float16 "
                          f"gradients need loss scaling, which its optimizer loop does not do "
                          f"({cls.own_optimizer_reason}); use model.dtype=bfloat16 or float32")
-    for key, ok, rule in [
-        ("epochs", cfg.epochs >= 1, ">= 1"),
-        ("env.batch_size", cfg.env.batch_size >= 1, ">= 1"),
-        ("env.num_steps", cfg.env.num_steps >= 1, ">= 1"),
-        ("env.eta", 0 < cfg.env.eta <= 1, "in (0, 1]"),
-        ("env.guidance_scale", cfg.env.guidance_scale >= 0, ">= 0"),
-        ("budget_minutes", cfg.budget_minutes >= 0, ">= 0 (0: no time limit)"),
-        ("shard_optimizer", isinstance(cfg.shard_optimizer, bool), "true or false"),
-        ("eval.every", cfg.eval.every >= 0, ">= 0 (0: only at epoch 0)"),
-        ("eval.num_prompts", cfg.eval.num_prompts >= 0, ">= 0"),
-        ("eval.train_images", cfg.eval.train_images >= 0, ">= 0"),
-        ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
-        # one process's rule; with several, each process's share must keep it (checked below)
-        *[(key, world > 1 or count <= cfg.eval.batch_size or count % cfg.eval.batch_size == 0,
-           f"at most eval.batch_size ({cfg.eval.batch_size}) or a multiple of it")
-          for key, count in eval_counts(cfg)],
-    ]:
-        if not ok:
-            raise ValueError(f"{key} = {OmegaConf.select(cfg, key)} is invalid: must be {rule}")
     if world > 1:
         distributed.check_launcher()
         if cls.single_process_reason:
@@ -146,6 +282,11 @@ class Trainer:
         world, self.is_main = distributed.world_size(), distributed.is_main()
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
+        if self.is_main:
+            runlock.acquire(self.run_dir)  # released when this process ends
+            changes = config_changes(cfg)
+            if changes:  # validated: resume=force
+                tqdm.write(f"resume=force: {self.run_dir} continues with {'; '.join(changes)}")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -160,6 +301,7 @@ class Trainer:
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
         self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
+        self.agent.health.max_bad_steps = cfg.health.max_bad_steps
         if distributed.deepspeed_launch() and world > 1:
             self.agent.use_deepspeed(distributed.deepspeed_config(self.agent.cfg.train_batch_size,
                                                                   self.agent.cfg.max_grad_norm))
@@ -213,6 +355,14 @@ class Trainer:
         start = time.perf_counter()
         rollout = self.agent.collect()
         collect_s = time.perf_counter() - start
+        collected = len(rollout)
+        rows, nonfinite = self._finite_rows(rollout)
+        health = {"health/nonfinite_rewards": float(nonfinite)}
+        if not len(rows):  # nothing to learn from: no update, and one bad step
+            self.agent.health.allows(math.nan)
+            return {**health, "health/skipped_steps": float(self.agent.health.take_skipped())}
+        if len(rows) < collected:
+            rollout = self.agent.keep_rows(rollout, rows)
         # every process's rewards and verdicts: the hacked threshold is the whole batch's quantile
         rewards = distributed.gather(rollout.rewards)
         info = {k: distributed.gather(v) for k, v in rollout.info.items()}
@@ -223,33 +373,55 @@ class Trainer:
         metrics["policy/kl_to_base"] = kl_to_base(self.policy, rollout.latents[:k], rollout.embeds[:k],
                                                   self.cfg.diagnostics.kl_every_step)
         metrics.update(self.agent.update(rollout))
-        metrics["time/samples_per_s"] = len(rollout) * distributed.world_size() / collect_s
+        metrics.update(health, **{"health/skipped_steps": float(self.agent.health.take_skipped())})
+        metrics["time/samples_per_s"] = collected * distributed.world_size() / collect_s
         metrics["time/epoch_s"] = time.perf_counter() - start
         if self.cfg.samples.every and epoch % self.cfg.samples.every == 0 and self.is_main:
             self._log_samples(epoch, rollout)
         return distributed.mean_metrics(metrics)
 
+    def _finite_rows(self, rollout) -> tuple[torch.Tensor, int]:
+        """The rows to train on, those whose reward is finite, and the count of the others in every
+        process. Each process keeps as many rows as the one with the fewest (in multiples of the
+        agent's `rows_per_update`), so that all of them take the same optimizer steps."""
+        finite = torch.isfinite(rollout.rewards).cpu()
+        counts = distributed.gather_objects(int(finite.sum()))
+        keep = min(counts) // self.agent.rows_per_update * self.agent.rows_per_update
+        return finite.nonzero().flatten()[:keep], len(rollout) * len(counts) - sum(counts)
+
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Every evaluation set (`eval/train/*`, `eval/heldout/*`), each with its own fixed x_T and
         sampler noise, so epoch 0 scores the base model on exactly the images later epochs redraw.
-        The per-image scores go to `evals/epoch<NNNN>.json` (the prompts in sampling order), so that
-        two evaluations, or two runs of one seed, compare image by image (paired)."""
+        The per-image scores go to `evals/epoch<NNNN>.json` (the prompts in sampling order) and the
+        images to `evals/epoch<NNNN>.npz` (uint8 [N, H, W, 3] per set, in the same order), so that two
+        evaluations, or two runs of one seed, compare image by image (paired), by eye as well."""
         out: dict[str, float] = {}
         record: dict[str, dict[str, list]] = {}
+        pixels: dict[str, np.ndarray] = {}
         for name, (prompts, seed, env) in self.eval_sets.items():
-            judged, values = self._sample_set(prompts, seed, env)
+            judged, values, pixels[name] = self._sample_set(prompts, seed, env)
             out.update(score_summary(f"eval/{name}", judged, values, self.cfg.seed))
             record[name] = {"prompts": judged, **{k: v.tolist() for k, v in values.items()}}
         if self.is_main and record:
-            path = self.run_dir / "evals" / f"epoch{epoch:04d}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record))
+            # the images first: a json on disk means its images are too (`python -m t2i_rl.audit` reads both);
+            # each file in one rename, so a run killed mid-write leaves the previous file or none
+            folder, name = self.run_dir / "evals", f"epoch{epoch:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.npz.tmp"
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **pixels)
+            tmp.replace(folder / f"{name}.npz")
+            tmp = folder / f".{name}.json.tmp"
+            tmp.write_text(json.dumps(record))
+            tmp.replace(folder / f"{name}.json")
         return out
 
-    def _sample_set(self, prompts: list[str], seed: int, eval_env) -> tuple[list[str], dict[str, np.ndarray]]:
-        """One image per prompt with the set's fixed noise: (prompts, {proxy, gold, gold_correct} per image).
-        Several processes each sample an equal share; the scores are gathered in rank order."""
+    def _sample_set(self, prompts: list[str], seed: int,
+                    eval_env) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+        """One image per prompt with the set's fixed noise: (prompts, {proxy, gold, gold_correct, gold_unsure} per image,
+        the images as uint8 [N, H, W, 3]). Several processes each sample an equal share; the scores and
+        images are gathered in rank order."""
         share = len(prompts) // distributed.world_size()
         mine = prompts[distributed.rank() * share:(distributed.rank() + 1) * share]
         seed = distributed.rank_seed(seed)
@@ -264,9 +436,12 @@ class Trainer:
             self.agent.generator.set_state(saved)
         values = {"proxy": rollout.rewards}
         if "gold/score" in rollout.info:
-            values.update(gold=rollout.info["gold/score"], gold_correct=rollout.info["gold/correct"])
+            values.update(gold=rollout.info["gold/score"], gold_correct=rollout.info["gold/correct"],
+                          gold_unsure=rollout.info["gold/unsure"])
+        pixels = (rollout.images.clamp(0, 1) * 255).round().to(torch.uint8)  # 4x less to gather than float
         return (distributed.gather_list(mine),
-                {k: distributed.gather(v).double().cpu().numpy() for k, v in values.items()})
+                {k: distributed.gather(v).double().cpu().numpy() for k, v in values.items()},
+                distributed.gather(pixels).permute(0, 2, 3, 1).cpu().numpy())
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
@@ -278,18 +453,20 @@ class Trainer:
             last_epoch = epoch
             evaluating = epoch == 0 or (cfg.eval.every and epoch % cfg.eval.every == 0)
             metrics = self.evaluate(epoch) if evaluating else {}
-            metrics.update(self.epoch(epoch))
+            self._save_if_best(epoch, metrics)
+            try:
+                metrics.update(self.epoch(epoch))
+            except TrainingDiverged as err:
+                self.logger.close()
+                last = self.run_dir / "checkpoints" / "last"
+                kept = f"{last} (epoch {epoch - 1}) is the last good state" if epoch else "no checkpoint was saved"
+                raise TrainingDiverged(f"training diverged at epoch {epoch}: {err}; the run stops, {kept}") from None
             self.logger.log(epoch, metrics)
-            bar.set_postfix(proxy=f"{metrics['reward/proxy']:.3f}",
+            bar.set_postfix(proxy=f"{metrics.get('reward/proxy', float('nan')):.3f}",
                             gold=f"{metrics.get('reward/gold', float('nan')):.3f}")
-            stop = False
-            if "eval/heldout/gold" in metrics:
-                if metrics["eval/heldout/gold_correct"] > self.best_gold:
-                    self.best_gold = metrics["eval/heldout/gold_correct"]
-                    self._save("best", epoch)
-                stop = cfg.early_stop.enabled and self.stopper.update(metrics["eval/heldout/gold"],
-                                                                      metrics["eval/heldout/proxy"])
-            self._save("last", epoch)
+            stop = "eval/heldout/gold" in metrics and cfg.early_stop.enabled and self.stopper.update(
+                metrics["eval/heldout/gold"], metrics["eval/heldout/proxy"])
+            self._save_last(epoch)
             if stop:
                 tqdm.write(f"early stop at epoch {epoch}: held-out gold fell for {cfg.early_stop.patience} "
                            "evaluations while the proxy rose; the best-gold checkpoint is checkpoints/best")
@@ -301,13 +478,29 @@ class Trainer:
                     tqdm.write(f"time budget of {cfg.budget_minutes:g} min spent after epoch {epoch}")
                     break
         final = self.evaluate(last_epoch + 1)
+        self._save_if_best(last_epoch + 1, final)
         if final:
             self.logger.log(last_epoch + 1, final)
         self.logger.close()
+        if self.is_main:
+            runlock.release(self.run_dir)
         return {**metrics, **{f"final/{k}": v for k, v in final.items()}}
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _save(self, name: str, epoch: int) -> None:
+    def _save_if_best(self, epoch: int, scores: dict[str, float]) -> None:
+        """`checkpoints/best` when the evaluation `scores` of epoch `epoch` beat the best held-out
+        all-correct so far: saved right after the evaluation, before the epoch's update, so that it
+        holds the weights that earned them, with the scores and that epoch as its trainer state."""
+        from t2i_rl.checkpoint import save_checkpoint
+
+        score = scores.get("eval/heldout/gold_correct", math.nan)
+        if not score > self.best_gold:
+            return
+        self.best_gold = score
+        if self.is_main:
+            save_checkpoint(self.run_dir / "checkpoints" / "best", self.policy, {"epoch": epoch, "scores": scores})
+
+    def _save_last(self, epoch: int) -> None:
         from t2i_rl.checkpoint import save_checkpoint
 
         # each process's own random streams (sampling noise, prompts), so each resumes its own
@@ -318,19 +511,21 @@ class Trainer:
         if not self.is_main:
             return
         state = {"epoch": epoch, "agent": self.agent.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "hack_threshold": self.hacks.threshold, "stopper": self.stopper.history,
-                 "best_gold": self.best_gold, "rank_rngs": rank_rngs}
-        save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, state)
+                 "hack_threshold": self.hacks.threshold, "stopper": self.stopper.history, "rank_rngs": rank_rngs}
+        save_checkpoint(self.run_dir / "checkpoints" / "last", self.policy, state)
 
     def _resume(self, path: Path) -> None:
-        from t2i_rl.checkpoint import load_checkpoint
+        from t2i_rl.checkpoint import find_checkpoint, load_checkpoint, load_trainer_state
 
         state = load_checkpoint(path, self.policy)
         self.agent.load_state_dict(state["agent"])
+        for group in self.agent.optimizer.param_groups:  # the config's (resume=force may change them)
+            group.update(lr=self.agent.cfg.lr, weight_decay=self.agent.cfg.weight_decay)
         torch.set_rng_state(state["torch_rng"])
         self.hacks.threshold = state["hack_threshold"]
         self.stopper.history = state["stopper"]
-        self.best_gold = state["best_gold"]
+        best = find_checkpoint(path.parent / "best")  # its score: the final evaluation's may be newer than `last`
+        self.best_gold = load_trainer_state(best)["scores"]["eval/heldout/gold_correct"] if best else -1.0
         self.start_epoch = state["epoch"] + 1
         rank, rank_rngs = distributed.rank(), state.get("rank_rngs", [])
         if rank < len(rank_rngs):
@@ -354,16 +549,22 @@ class Trainer:
 
 
 def score_summary(prefix: str, prompts: list[str], values: dict[str, np.ndarray], seed: int) -> dict[str, float]:
-    """Each score's mean and 95% interval: Wilson for the all-correct rate, a bootstrap over prompts
-    for the means (the images of one prompt are not independent draws of the policy's quality)."""
+    """Each score's mean and 95% interval: Wilson for the rates (all-correct, taken over the images the
+    judge is sure about, and the unsure share), a bootstrap over prompts for the means (the images of
+    one prompt are not independent draws of the policy's quality)."""
     from t2i_rl.intervals import bootstrap_mean_interval, wilson_interval
 
     out = {}
+    sure = values["gold_unsure"] < 0.5 if "gold_unsure" in values else None
     for key, v in values.items():
-        low, high = (wilson_interval(v.sum(), len(v)) if key == "gold_correct"
-                     else bootstrap_mean_interval(v, prompts, seed=seed))
-        out.update({f"{prefix}/{key}": float(v.mean()), f"{prefix}/{key}/ci_low": low,
-                    f"{prefix}/{key}/ci_high": high})
+        if key == "gold_correct" and sure is not None:
+            v = v[sure]
+        if key in ("gold_correct", "gold_unsure"):
+            mean = float(v.mean()) if len(v) else float("nan")
+            low, high = wilson_interval(v.sum(), len(v)) if len(v) else (float("nan"), float("nan"))
+        else:
+            mean, (low, high) = float(v.mean()), bootstrap_mean_interval(v, prompts, seed=seed)
+        out.update({f"{prefix}/{key}": mean, f"{prefix}/{key}/ci_low": low, f"{prefix}/{key}/ci_high": high})
     return out
 
 
@@ -391,7 +592,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    run(cfg)
+    try:
+        run(cfg)
+    except (TrainingDiverged, runlock.RunFolderInUse) as err:  # diverged; or another run took the folder since
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1 if isinstance(err, TrainingDiverged) else 2)
 
 
 def precheck(argv: list[str]) -> None:

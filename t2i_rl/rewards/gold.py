@@ -17,8 +17,10 @@ class GoldReward(RewardFunction):
     """Diagnostics only, never an optimization target: scores = the judge's score in [0, 1] (the
     fraction of the prompt's attributes that hold).
 
-    Components: `gold/score`, `gold/correct` (1.0 when every attribute holds, else 0.0) and
-    `gold/<attribute>` (0/1) for each of count, color, shape and background.
+    Components: `gold/score`, `gold/correct` (1.0 when every attribute surely holds, else 0.0),
+    `gold/unsure` (1.0 when the judge hesitates on some attribute: `gold/correct` is then no
+    verdict, and rates leave the image out) and `gold/<attribute>` (0/1) for each of count, color,
+    shape and background.
     """
 
     name = "gold"
@@ -33,7 +35,8 @@ class GoldReward(RewardFunction):
         result = self.world.judge(images, list(prompts))
         device = images.device  # the judge runs on the CPU; results go back to the images' device
         score = result.score.float().to(device)
-        components = {"gold/score": score, "gold/correct": result.correct.float().to(device)}
+        components = {"gold/score": score, "gold/correct": result.correct.float().to(device),
+                      "gold/unsure": (~result.sure).float().to(device)}
         for a in ATTRIBUTES:
             components[f"gold/{a}"] = result.attributes[a].float().to(device)
         return RewardOutput(score, components)

@@ -17,9 +17,9 @@ ENVS = group_options("env")
 # reward; free-text prompts, no judge). The other published-reward envs take the same path through
 # the trainer, so they are composed below but not run (7 agents x 6 envs would take minutes).
 RUN_ENVS = [e for e in ENVS if e not in PRETRAINED] + ["imagereward"]
-# every evaluation's tags: both sets, three scores, each with its 95% interval
-EVAL_TAGS = {f"eval/{s}/{k}{ci}" for s in ("train", "heldout") for k in ("proxy", "gold", "gold_correct")
-             for ci in ("", "/ci_low", "/ci_high")}
+# every evaluation's tags: both sets, three scores and the judge's unsure share, each with its 95% interval
+EVAL_TAGS = {f"eval/{s}/{k}{ci}" for s in ("train", "heldout")
+             for k in ("proxy", "gold", "gold_correct", "gold_unsure") for ci in ("", "/ci_low", "/ci_high")}
 
 
 @pytest.fixture(scope="session")
@@ -171,10 +171,12 @@ def test_evaluation_uses_fixed_noise_and_reports_its_intervals(tiny_assets, tmp_
     assert torch.equal(images[0], images[2]) and torch.equal(images[1], images[3])  # train, held-out
     # the intervals, recomputed from the judge's scores of those very images
     gold = trainer.env.gold_fn(images[0], train_prompts).components
-    n_correct = float(gold["gold/correct"].sum())
-    assert first["eval/train/gold_correct"] == pytest.approx(n_correct / 4)
-    assert (first["eval/train/gold_correct/ci_low"], first["eval/train/gold_correct/ci_high"]) == pytest.approx(
-        wilson_interval(n_correct, 4))
+    n_correct, n_sure = float(gold["gold/correct"].sum()), int((gold["gold/unsure"] == 0).sum())
+    assert first["eval/train/gold_unsure"] == pytest.approx(1 - n_sure / 4)
+    if n_sure:  # the all-correct rate is taken over the images the judge is sure about
+        assert first["eval/train/gold_correct"] == pytest.approx(n_correct / n_sure)
+        assert (first["eval/train/gold_correct/ci_low"], first["eval/train/gold_correct/ci_high"]) == pytest.approx(
+            wilson_interval(n_correct, n_sure))
     scores = gold["gold/score"].double().numpy()
     assert (first["eval/train/gold/ci_low"], first["eval/train/gold/ci_high"]) == pytest.approx(
         bootstrap_mean_interval(scores, train_prompts, seed=0), abs=1e-6)

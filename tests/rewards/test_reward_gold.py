@@ -11,7 +11,8 @@ def test_gold_is_one_on_ground_truth_images(world):
     out = gold(images, prompts)
     assert not gold.differentiable and gold.name == "gold"
     torch.testing.assert_close(out.scores, torch.ones(12))
-    assert set(out.components) == {"gold/score", "gold/correct"} | {f"gold/{a}" for a in ATTRIBUTES}
+    assert set(out.components) == {"gold/score", "gold/correct", "gold/unsure"} | {f"gold/{a}" for a in ATTRIBUTES}
+    torch.testing.assert_close(out.components.pop("gold/unsure"), torch.zeros(12))
     for v in out.components.values():
         torch.testing.assert_close(v, torch.ones(12))
 
