@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models built from configs and saved where the real loaders read them."""
 
+import sys
+
 import pytest
 
 from t2i_rl.models import build_pipeline, save_pipeline_atomically
@@ -18,3 +20,23 @@ def tiny_assets(tmp_path_factory):
     LeeReward.build(clip, seed=1).save_pretrained(root / "lee")
     PairwiseReward.build(clip, seed=2).save_pretrained(root / "pairwise")
     return {name: str(root / name) for name in ("pipeline", "clip", "lee", "pairwise")}
+
+
+@pytest.fixture
+def refused_by_train(monkeypatch, capsys):
+    """`python -m t2i_rl.train ARGS` in this process, for arguments its checks must refuse: a call
+    returns (exit code, stderr lines), and a config the checks accept fails the test instead of
+    training. In-process, so that each bad value costs milliseconds instead of an interpreter start."""
+    from t2i_rl import train
+
+    def call(args: list[str]) -> tuple[int, list[str]]:
+        def accepted() -> None:
+            raise AssertionError(f"the checks accepted {args}")
+
+        monkeypatch.setattr(sys, "argv", ["t2i_rl.train", *args])
+        monkeypatch.setattr(train, "_hydra_main", accepted)
+        with pytest.raises(SystemExit) as stop:
+            train.main()
+        return stop.value.code, capsys.readouterr().err.splitlines()
+
+    return call

@@ -53,16 +53,25 @@ def write(path: Path, data: bytes) -> Path:
 
 
 @pytest.mark.parametrize("make_args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_line_and_exit_2_before_any_work(tmp_path, make_args, message):
+def test_bad_input_is_one_error_line_and_exit_2_before_any_work(tmp_path, make_args, message, refused_by_train):
     run_dir = tmp_path / "run"
     args = make_args(tmp_path)
     if not any(a.startswith("output_dir=") for a in args):
         args.append(f"output_dir={run_dir}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "t2i_rl.train", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
+    code, lines = refused_by_train(args)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
     assert not run_dir.exists()
     assert not (tmp_path / "afile" / "run").exists() and not (tmp_path / "locked" / "run").exists()
+
+
+def test_the_command_line_prints_the_error_line_and_nothing_else(tmp_path):
+    """The real command, in a fresh interpreter: no library notice before the error line either."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "t2i_rl.train", "epochs=abc", f"output_dir={run_dir}"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: epochs = abc is invalid"), proc.stderr
+    assert proc.stdout == "" and not run_dir.exists()
