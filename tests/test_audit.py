@@ -13,7 +13,7 @@ from PIL import Image
 from t2i_rl import audit
 from t2i_rl.train import Trainer
 from t2i_rl.world import ATTRIBUTES, ShapesWorld
-from tests.agents.test_train import compose_cfg, tiny_overrides
+from tests.agents.test_train import compose_cfg, record_eval_images, tiny_overrides
 
 SETS = ("train", "heldout")
 
@@ -24,14 +24,7 @@ def tiny_run(tiny_assets, tmp_path_factory):
     images each evaluation judged, {(epoch, set): [N, 3, H, W]}."""
     run_dir = tmp_path_factory.mktemp("audit") / "run"
     trainer = Trainer(compose_cfg(tiny_overrides(tiny_assets, run_dir, epochs=1)))
-    judged = []
-    sample_set = trainer._sample_set
-
-    def recording(prompts, seed, env):
-        out = sample_set(prompts, seed, env)
-        judged.append(env.images.clone())
-        return out
-    trainer._sample_set = recording
+    judged = record_eval_images(trainer)
     trainer.fit()
     keys = [(epoch, name) for epoch in (0, 1) for name in trainer.eval_sets]
     assert len(judged) == len(keys)

@@ -27,6 +27,19 @@ def tiny_pretrained(tmp_path_factory):
     return {name: str(save_tiny_reward(name, root / name)) for name in PRETRAINED}
 
 
+def record_eval_images(trainer: Trainer) -> list[torch.Tensor]:
+    """A list that each evaluation set's sampling appends its float images to, as the judge saw them."""
+    images: list[torch.Tensor] = []
+    sample_set = trainer._sample_set
+
+    def recording(prompts, seed, env):
+        out = sample_set(prompts, seed, env)
+        images.append(env.images.clone())
+        return out
+    trainer._sample_set = recording
+    return images
+
+
 def tiny_overrides(assets, run_dir, agent="ddpo", env="textnorm", epochs=1, pretrained=None, lora_rank="4"):
     clip = {"name": "clip", "path": assets["clip"]}
     members = [clip, {"name": "lee", "path": assets["lee"]}, {"name": "pairwise", "path": assets["pairwise"]}]
@@ -156,14 +169,7 @@ def test_evaluation_uses_fixed_noise_and_reports_its_intervals(tiny_assets, tmp_
     trainer = Trainer(compose_cfg((overrides + [f"env.prompts=[{prompts[0]!r},{prompts[1]!r}]"], reward)))
     train_prompts, _, _ = trainer.eval_sets["train"]
     assert train_prompts == prompts * 2  # eval.train_images=4: each fixed prompt twice
-    images = []
-    sample_set = trainer._sample_set
-
-    def recording(prompts, seed, env):
-        out = sample_set(prompts, seed, env)
-        images.append(env.images.clone())
-        return out
-    trainer._sample_set = recording
+    images = record_eval_images(trainer)
     first, second = trainer.evaluate(0), trainer.evaluate(1)
     assert first == second
     assert torch.equal(images[0], images[2]) and torch.equal(images[1], images[3])  # train, held-out
