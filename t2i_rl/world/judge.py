@@ -387,11 +387,10 @@ def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, min
     return split
 
 
-def _faint_objects(pix: np.ndarray, field_rgb: np.ndarray, dist: np.ndarray, strong: np.ndarray,
+def _faint_objects(smooth: np.ndarray, field_rgb: np.ndarray, dist: np.ndarray, strong: np.ndarray,
                    scale: float) -> list[SeenObject]:
     """Regions a person sees although they are faint: colour None (too faint to name), so a
     prompt that does not ask for them fails on colour, as it would with a person."""
-    smooth = ndimage.uniform_filter(pix, size=(3, 3, 1), mode="nearest")
     alpha, resid = _unmix(smooth, field_rgb, _OBJ_RGB)
     best = np.take_along_axis(alpha, resid.argmin(-1)[..., None], -1)[..., 0]
     free = ~ndimage.binary_dilation(strong, iterations=3)
@@ -487,7 +486,7 @@ def perceive(image: np.ndarray) -> Perception:
         objects += _objects_in(pix[win], field_rgb[win], dist[win], strong[win] & ~region, region,
                                edge[win], min_area)
     # 5. Faint objects.
-    objects += _faint_objects(pix, field_rgb, dist, strong, scale)
+    objects += _faint_objects(smooth, field_rgb, dist, strong, scale)
     return Perception(background, tuple(objects), background_unsure)
 
 
