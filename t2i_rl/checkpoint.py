@@ -12,11 +12,15 @@ A checkpoint is written into a temporary sibling folder `.<name>.XXXX`, which th
 before the first leaves `<name>` as it was; a crash between the two leaves `<name>` missing and
 the complete previous checkpoint in `.<name>.old`, which `find_checkpoint` (and so
 `load_checkpoint`) takes instead. The next save removes the leftovers of a crashed one. Weights
-holding NaN or inf are refused, so a diverged step never replaces a good checkpoint.
+holding NaN or inf are refused, so a diverged step never replaces a good checkpoint. A disk without
+room for the new checkpoint is `DiskFull`, one message saying what is needed and what is free,
+before anything is written (or, when the disk fills during the write, instead of the writer's own
+error); either way the previous checkpoint stays as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -38,6 +42,15 @@ STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainer_state.safetensors"
 LEGACY_STATE_FILE = "trainer_state.pt"  # earlier versions' pickled trainer state, refused
 FORMAT_VERSION = 1
+# room beyond the tensors' bytes: safetensors headers, config files, the filesystem's partly filled blocks
+SPACE_MARGIN = 2**20
+# how writers say that the disk is full: errno, Rust's io::ErrorKind (safetensors), the C library's text
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+
+
+class DiskFull(OSError):
+    """The checkpoint's folder has no room for it; the previous checkpoint is kept."""
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -60,20 +73,31 @@ def save_checkpoint(path: str | Path, policy, state: dict[str, Any]) -> None:
             raise ValueError(f"refusing to save the checkpoint {path}: the weight {name} holds NaN or inf values "
                              "(training diverged); the previous checkpoint is kept")
     tensors, tree = encode_state(state)  # before touching the disk: a state it cannot hold changes nothing
+    text = json.dumps({"version": FORMAT_VERSION, "state": tree}, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
+    needed = checkpoint_bytes(layers, tensors, text)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise DiskFull(_full_message(path, needed, free, "has"))
     old = _previous(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        if policy.lora_rank is not None:
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(layers),
-                                                      safe_serialization=True)
-        else:
-            policy.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        save_file(tensors, tmp / TENSORS_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({"version": FORMAT_VERSION, "state": tree}, allow_nan=False))
-        for item in [*tmp.rglob("*"), tmp]:  # the bytes reach the disk before the renames that publish them
-            _fsync(item)
+        try:
+            if policy.lora_rank is not None:
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                                          safe_serialization=True)
+            else:
+                policy.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            save_file(tensors, tmp / TENSORS_FILE)
+            (tmp / STATE_FILE).write_text(text)
+            for item in [*tmp.rglob("*"), tmp]:  # the bytes reach the disk before the renames that publish them
+                _fsync(item)
+        except Exception as err:  # each writer words a full disk its own way
+            if _out_of_space(err, tmp, needed):
+                raise DiskFull(_full_message(path, needed, shutil.disk_usage(path.parent).free,
+                                             f"filled up while writing it ({_first_line(err)}) and has")) from None
+            raise
         if path.exists():
             path.rename(old)
         tmp.rename(path)
@@ -83,14 +107,50 @@ def save_checkpoint(path: str | Path, policy, state: dict[str, Any]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_bytes(layers: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], text: str) -> int:
+    """The disk space a checkpoint of these weights, state tensors and state JSON takes, with
+    `SPACE_MARGIN` to spare (the previous checkpoint stays until the new one is complete, so this
+    much must be free beside it)."""
+    data = sum(t.numel() * t.element_size() + len(name) + 128 for part in (layers, tensors)
+               for name, t in part.items())
+    return data + len(text.encode()) + SPACE_MARGIN
+
+
+def _out_of_space(err: BaseException, tmp: Path, needed: int) -> bool:
+    """Whether a writer failed because the disk is full: it says so, or the disk now has less room
+    than the part of the checkpoint not yet written (torch's writer says "unexpected pos ...")."""
+    if isinstance(err, OSError) and err.errno in FULL_ERRNOS or any(m in str(err) for m in FULL_MESSAGES):
+        return True
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    try:
+        return shutil.disk_usage(tmp).free < needed - written
+    except OSError:
+        return False
+
+
+def _full_message(path: Path, needed: int, free: int, has: str) -> str:
+    """One line: the checkpoint, the space it needs, its folder and the space free there."""
+    return (f"not enough disk space to save the checkpoint {path}: it needs {_mib(needed)}, and "
+            f"{path.parent} {has} {_mib(free)} free; the previous checkpoint is kept (free some space, or "
+            "move the run folder to a larger disk, then run the same command to resume)")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """The trainer state of the checkpoint `path` (see `find_checkpoint`), without its weights."""
     folder = _require_checkpoint(path)
     if (folder / LEGACY_STATE_FILE).exists():
         raise ValueError(f"{folder} is a checkpoint of an earlier t2i-rl, whose trainer state ({LEGACY_STATE_FILE}) "
                          "is a pickle, which can run any code when loaded; it is no longer read, so this run cannot "
-                         f"resume (its weights still load with diffusers). Start afresh: another output_dir, or "
-                         "resume=false")
+                         "resume (its weights still load with diffusers); start afresh in another output_dir")
     for name in (STATE_FILE, TENSORS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} holds no {name}: not a complete checkpoint")
@@ -235,6 +295,23 @@ def _require_checkpoint(path: str | Path) -> Path:
     if folder is None:
         raise FileNotFoundError(f"no checkpoint at {path}")
     return folder
+
+
+def remove_dead_saves(folder: str | Path) -> None:
+    """Remove what saves that died left in the checkpoints folder `folder`: their temporary folders,
+    and a `.<name>.old` beside its `<name>` (a `.<name>.old` alone is the checkpoint, and stays). The
+    next save of a checkpoint does this for its own; this is for a run killed after its last save,
+    whose leftovers would stay (a stale `.<name>.old` is a whole checkpoint's worth of disk). Only
+    where no save is under way: the run lock's new holder calls it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    # the checkpoints there: `<name>`, or `.<name>.old` alone (other hidden entries are not ours to judge)
+    folders = [p.name for p in folder.iterdir() if p.is_dir()]
+    names = {n for n in folders if not n.startswith(".")} | {
+        n[1:-len(".old")] for n in folders if n.startswith(".") and n.endswith(".old")}
+    for name in names:
+        _remove_leftovers(folder / name)
 
 
 def _remove_leftovers(path: Path) -> None:

@@ -48,15 +48,22 @@ class RunLogger:
     """Writes scalars, images and hyperparameters of one run; only the main process writes."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None) -> None:
+        """`purge_step`: the first epoch this run logs (None: 0). What the folder already holds from that
+        epoch on, the epochs after the checkpoint a resumed run continues, is dropped, so that curves
+        and metrics.jsonl hold each epoch once; from 0, everything (a run killed before its first
+        checkpoint starts again from the beginning)."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.writer: SummaryWriter | None = None
-        if enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # purge_step drops events past a resumed run's last epoch, so curves do not double
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
-            self.writer.file_writer.add_summary(custom_scalars(LAYOUT))
         self._jsonl = self.run_dir / "metrics.jsonl"
+        if enabled:
+            start = purge_step or 0
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(self._jsonl, start - 1)
+            # a purge step hides the events of earlier event files from that step on
+            tb = self.run_dir / "tb"
+            self.writer = SummaryWriter(str(tb), purge_step=start if tb.is_dir() and any(tb.iterdir()) else None)
+            self.writer.file_writer.add_summary(custom_scalars(LAYOUT))
 
     def hparams(self, table: dict[str, Any]) -> None:
         """Hyperparameters once, as a markdown table (CleanRL style)."""

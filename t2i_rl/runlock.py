@@ -3,7 +3,8 @@
 Two runs writing one folder interleave their metrics and TensorBoard events and overwrite each
 other's checkpoints. The lock file holds the owner's pid and host; it is made with O_EXCL, so of
 two runs starting at once one gets it. A lock whose process is gone (same host, no such pid: the
-run was killed) is taken over with a message; a lock of another host cannot be checked from here
+run was killed) is taken over with a message, and what the killed run's checkpoint saves left
+(`checkpoint.remove_dead_saves`) is cleared; a lock of another host cannot be checked from here
 and is refused, naming the file to delete once that run is known to be gone.
 """
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 LOCK_FILE = "run.lock"
+CHECKPOINTS = "checkpoints"  # the run folder's checkpoints (t2i_rl/train.py)
 _HELD: set[Path] = set()  # the run folders this process locked, released when it exits
 
 
@@ -74,6 +76,10 @@ def acquire(run_dir: str | Path) -> None:
         os.replace(tmp, path)
         if path.read_text() != mine:  # another run took it over at the same moment
             check(run_dir)
+        if owner is None or owner["pid"] != os.getpid():  # a dead run's folder, now this process's alone
+            from t2i_rl.checkpoint import remove_dead_saves
+
+            remove_dead_saves(Path(run_dir) / CHECKPOINTS)
     else:
         with os.fdopen(fd, "w") as f:
             f.write(mine)

@@ -141,10 +141,21 @@ def config_changes(cfg: DictConfig) -> list[str]:
             if before.get(k, unset) != now.get(k, unset)]
 
 
+# what a run writes in its folder (Hydra's empty train.log and a dead run's run.lock are not a run)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "evals", "checkpoints")
+
+
 def check_run_folder(cfg: DictConfig) -> None:
     """The run folder's contract, checked by the process that writes there: no other live run holds
-    it, and the run it resumes had this config (what changed is listed unless resume=force)."""
+    it, resume=false finds no run there (a new run would mix its metrics and curves into the old
+    one's), and the run it resumes had this config (what changed is listed unless resume=force)."""
     runlock.check(cfg.output_dir)
+    if cfg.resume is False:
+        found = [name for name in RUN_FILES if (Path(cfg.output_dir) / name).exists()]
+        if found:
+            raise ValueError(f"output_dir = {cfg.output_dir} holds a run ({', '.join(found)}), which resume=false "
+                             "would mix a new run into: resume=true continues it, resume=force continues it with "
+                             "this config, another output_dir starts afresh")
     changes = config_changes(cfg)
     if changes and cfg.resume != "force":
         shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
@@ -340,8 +351,10 @@ class Trainer:
                 truncate_jsonl(self.run_dir / "metrics.jsonl", self.start_epoch - 1)
         self.logger = RunLogger(self.run_dir, enabled=self.is_main,
                                 purge_step=self.start_epoch if self.start_epoch else None)
-        if self.is_main:
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        if self.is_main:  # in one rename: a kill mid-write must not leave a truncated config to resume under
+            tmp = self.run_dir / ".config.yaml.tmp"
+            OmegaConf.save(cfg, tmp, resolve=True)
+            tmp.replace(self.run_dir / "config.yaml")
         if self.start_epoch == 0:
             table = {f"agent.{k}": v for k, v in asdict(agent_cfg).items()}
             table.update({k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
@@ -592,11 +605,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    from t2i_rl.checkpoint import DiskFull  # after validation: it imports diffusers
+
     try:
         run(cfg)
-    except (TrainingDiverged, runlock.RunFolderInUse) as err:  # diverged; or another run took the folder since
+    except (TrainingDiverged, DiskFull, runlock.RunFolderInUse) as err:  # stopped; or another run took the folder
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1 if isinstance(err, TrainingDiverged) else 2)
+        sys.exit(2 if isinstance(err, runlock.RunFolderInUse) else 1)
 
 
 def precheck(argv: list[str]) -> None:

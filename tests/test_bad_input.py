@@ -44,7 +44,17 @@ CASES = [
     ("output_dir_is_a_file", lambda t: [f"output_dir={write(t / 'afile', b'')}"], "afile is a file, not a folder"),
     ("output_dir_in_a_file", lambda t: [f"output_dir={write(t / 'afile', b'')}/run"], "afile is a file, not a folder"),
     ("output_dir_unwritable", lambda t: [f"output_dir={unwritable(t)}/run"], "is not writable"),
+    ("resume_false_over_a_run", lambda t: ["resume=false", f"output_dir={old_run(t)}"],
+     "old holds a run (metrics.jsonl, tb), which resume=false would mix a new run into: resume=true continues it"),
 ]
+
+
+def old_run(tmp_path: Path) -> Path:
+    """A folder holding what a run writes first: its metrics and TensorBoard events."""
+    folder = tmp_path / "old"
+    (folder / "tb").mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    return folder
 
 
 def write(path: Path, data: bytes) -> Path:

@@ -1,11 +1,14 @@
 """Checkpoints: the trainer state round-trips through safetensors + JSON, nothing a run folder holds
-is unpickled, a save killed at any point leaves a loadable checkpoint, and diverged weights are
-never saved."""
+is unpickled, a save killed at any point leaves a loadable checkpoint, diverged weights are never
+saved, and a full disk is one clear error that keeps the previous checkpoint."""
 
+import errno
 import json
 import math
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 from t2i_rl import checkpoint
-from t2i_rl.checkpoint import (LEGACY_STATE_FILE, LORA_FILE, STATE_FILE, TENSORS_FILE, find_checkpoint,
+from t2i_rl.checkpoint import (LEGACY_STATE_FILE, LORA_FILE, STATE_FILE, TENSORS_FILE, DiskFull, find_checkpoint,
                                load_checkpoint, load_trainer_state, save_checkpoint)
 from t2i_rl.logger import truncate_jsonl
 from t2i_rl.models import build_pipeline, build_tokenizer
@@ -169,7 +172,7 @@ def test_a_crafted_pickle_in_a_run_folder_is_refused_without_running_it(make_pol
     torch.save({"epoch": 5, "agent": Marker(marker)}, tmp_path / "last" / LEGACY_STATE_FILE)
     change_weights(policy)
     changed = weights(policy)
-    with pytest.raises(ValueError, match=r"earlier t2i-rl.*pickle.*no longer read.*Start afresh"):
+    with pytest.raises(ValueError, match=r"earlier t2i-rl.*pickle.*no longer read.*start afresh in another output_dir"):
         load_checkpoint(tmp_path / "last", policy)
     assert not marker.exists()
     assert all(torch.equal(a, b) for a, b in zip(weights(policy), changed))  # refused before any weight loaded
@@ -211,7 +214,8 @@ def die_at(monkeypatch, target: str, call: int = 1) -> None:
             raise Died(target)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "shutil", SimpleNamespace(rmtree=lambda *args, **kwargs: None))
+    monkeypatch.setattr(checkpoint, "shutil", SimpleNamespace(rmtree=lambda *args, **kwargs: None,
+                                                              disk_usage=shutil.disk_usage))
     if target == "rename":
         monkeypatch.setattr(Path, "rename", dying)
     else:
@@ -269,6 +273,97 @@ def test_non_finite_weights_are_refused_and_the_previous_checkpoint_kept(make_po
     assert "up_blocks" in name
     assert load_checkpoint(tmp_path / "last", policy) == {"epoch": 0}
     assert all(torch.equal(a, b) for a, b in zip(weights(policy), good))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+class Disk:
+    """`shutil.disk_usage` as on a disk with `free` bytes free (None: the real figure)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.free: int | None = None
+        real = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage",
+                            lambda path: real(path) if self.free is None else real(path)._replace(free=self.free))
+
+
+@pytest.mark.parametrize("lora_rank", [4, None], ids=["lora", "full"])
+def test_a_disk_without_room_is_one_clear_error_before_anything_is_written(make_policy, tmp_path, monkeypatch,
+                                                                           lora_rank):
+    policy = make_policy(lora_rank)
+    last = tmp_path / "checkpoints" / "last"
+    save_checkpoint(last, policy, {"epoch": 0})
+    good, size = weights(policy), folder_bytes(last)
+    change_weights(policy)
+    disk = Disk(monkeypatch)
+    disk.free = size // 2
+    with pytest.raises(DiskFull) as err:
+        save_checkpoint(last, policy, {"epoch": 1})
+    message = str(err.value)
+    match = re.fullmatch(rf"not enough disk space to save the checkpoint {re.escape(str(last))}: it needs "
+                         rf"(\d+\.\d) MiB, and {re.escape(str(last.parent))} has {size // 2 / 2**20:.1f} MiB free; the "
+                         r"previous checkpoint is kept \(free some space, or move the run folder to a larger disk, "
+                         r"then run the same command to resume\)", message)
+    assert match, message
+    assert size / 2**20 <= float(match[1]) <= size / 2**20 + 1.2  # what a checkpoint takes, and a margin
+    assert os.listdir(last.parent) == ["last"]  # nothing written, nothing left
+    assert load_checkpoint(last, policy) == {"epoch": 0}
+    assert all(torch.equal(a, b) for a, b in zip(weights(policy), good))
+    disk.free = int(float(match[1]) * 2**20) + 2**17  # room for it: saved
+    change_weights(policy)
+    save_checkpoint(last, policy, {"epoch": 1})
+    assert load_trainer_state(last) == {"epoch": 1}
+
+
+FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("error, free", [
+    (FULL, None),  # Python's own writers
+    (checkpoint.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), None),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 166720 vs 166612"), 0),  # torch's
+], ids=["oserror", "safetensors", "torch_unexpected_pos"])
+def test_a_disk_that_fills_during_the_write_keeps_the_previous_checkpoint(policy, tmp_path, monkeypatch, error,
+                                                                          free):
+    """The space was there when the save began; the writer got half the state file out, then failed as
+    it does on a full disk (saying so, or, like torch's, only that it wrote less than it meant to)."""
+    last = tmp_path / "checkpoints" / "last"
+    save_checkpoint(last, policy, {"epoch": 0})
+    good = weights(policy)
+    change_weights(policy)
+    disk = Disk(monkeypatch)
+    real = checkpoint.save_file
+
+    def half_written(tensors, filename, *args, **kwargs):
+        real(tensors, filename, *args, **kwargs)
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        disk.free = free
+        raise error
+
+    monkeypatch.setattr(checkpoint, "save_file", half_written)
+    with pytest.raises(DiskFull, match=rf"^not enough disk space to save the checkpoint {re.escape(str(last))}: "
+                                       rf"it needs \d+\.\d MiB, and {re.escape(str(last.parent))} filled up while "
+                                       rf"writing it \({type(error).__name__}: .+\) and has \d+\.\d MiB free; the "
+                                       r"previous checkpoint is kept \("):
+        save_checkpoint(last, policy, {"epoch": 1})
+    assert os.listdir(last.parent) == ["last"]  # the half-written one is gone
+    assert load_checkpoint(last, policy) == {"epoch": 0}
+    assert all(torch.equal(a, b) for a, b in zip(weights(policy), good))
+
+
+def test_a_write_error_with_room_on_the_disk_is_not_called_a_full_disk(policy, tmp_path, monkeypatch):
+    last = tmp_path / "checkpoints" / "last"
+    save_checkpoint(last, policy, {"epoch": 0})
+
+    def refused(tensors, filename, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(filename))
+
+    monkeypatch.setattr(checkpoint, "save_file", refused)
+    with pytest.raises(PermissionError):
+        save_checkpoint(last, policy, {"epoch": 1})
+    assert os.listdir(last.parent) == ["last"] and load_trainer_state(last) == {"epoch": 0}
 
 
 def test_truncate_jsonl_drops_a_partial_last_line_and_refuses_a_broken_one_before_it(tmp_path):

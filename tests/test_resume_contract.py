@@ -1,5 +1,6 @@
 """Resume is a contract: a run folder resumes only under the config it was started with (or
-resume=force, which says what it changes and applies it), and only one run at a time holds it."""
+resume=force, which says what it changes and applies it), resume=false never writes into a folder
+that holds a run, and only one run at a time holds it."""
 
 import json
 import os
@@ -62,6 +63,36 @@ def test_resume_force_says_what_it_applies_and_applies_the_new_lr(one_epoch, tmp
     trainer.fit()
 
 
+def run_files(run_dir) -> dict:
+    return {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_false_on_a_folder_holding_a_run_is_refused_and_changes_nothing(one_epoch, refused_by_train):
+    run_dir, overrides, reward = one_epoch
+    before = run_files(run_dir)
+    with pytest.raises(ValueError) as err:
+        validate(compose_cfg(([*overrides, "resume=false"], reward)))
+    assert str(err.value) == (
+        f"output_dir = {run_dir} holds a run (config.yaml, metrics.jsonl, tb, evals, checkpoints), which "
+        "resume=false would mix a new run into: resume=true continues it, resume=force continues it with this "
+        "config, another output_dir starts afresh")
+    assert refused_by_train([f"output_dir={run_dir}", "resume=false"]) == (2, [f"error: {err.value}"])
+    assert run_files(run_dir) == before
+
+
+def test_resume_false_starts_in_a_folder_without_a_run(tiny_assets, tmp_path):
+    """A new folder, or one holding only Hydra's log and a killed run's lock, is not a run."""
+    run_dir = tmp_path / "run"
+    overrides, reward = tiny_overrides(tiny_assets, run_dir)
+    validate(compose_cfg(([*overrides, "resume=false"], reward)))
+    run_dir.mkdir()
+    (run_dir / "train.log").write_text("")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run_dir / runlock.LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    validate(compose_cfg(([*overrides, "resume=false"], reward)))
+
+
 def test_a_changed_config_on_the_command_line_is_one_error_line(tmp_path):
     run_dir = tmp_path / "run"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -93,10 +124,17 @@ def test_a_stale_lock_is_taken_over_with_a_message_and_another_hosts_is_refused(
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid names no live process now
     lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    # what the killed run's saves left: a temporary folder, a `.last.old` beside `last` (killed after
+    # the save's renames), and a `.best.old` without `best` (killed between them: it is the checkpoint)
+    checkpoints = run_dir / runlock.CHECKPOINTS
+    for name in ("last", ".last.old", ".last.k3j_x9", ".best.old", ".best.tmp9"):
+        (checkpoints / name).mkdir(parents=True)
+    (checkpoints / ".nfs0001.x").write_text("")  # not a save's: left alone
     runlock.check(run_dir)
     runlock.acquire(run_dir)
     taken = f"taking over the lock of {run_dir} from pid {gone.pid}, which is no longer running\n"
     assert capsys.readouterr().err == taken
+    assert sorted(os.listdir(checkpoints)) == [".best.old", ".nfs0001.x", "last"]
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     runlock.release(run_dir)
     assert not lock.exists()
