@@ -219,15 +219,18 @@ class Agent(ABC):
 
     # 1. collect ---------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, prompts: list[str] | None = None) -> Rollout:
-        """Run `samples_per_epoch` episodes through the env with the current policy."""
+    def collect(self, prompts: list[str] | None = None, noise_group: int = 1) -> Rollout:
+        """Run `samples_per_epoch` episodes through the env with the current policy; `noise_group`
+        consecutive samples start from the same x_T."""
         parts = []
         n = len(prompts) if prompts is not None else self.cfg.samples_per_epoch
         if n % self.env.num_envs:
             raise ValueError(f"{n} prompts do not fill batches of the env's {self.env.num_envs}")
         for start in range(0, n, self.env.num_envs):
-            options = None if prompts is None else {"prompts": prompts[start:start + self.env.num_envs]}
-            parts.append(self._episode(options))
+            options = {} if prompts is None else {"prompts": prompts[start:start + self.env.num_envs]}
+            if noise_group > 1:
+                options["noise_group"] = noise_group
+            parts.append(self._episode(options or None))
         return Rollout.cat(parts)
 
     def _episode(self, options: dict | None) -> Rollout:
@@ -235,7 +238,8 @@ class Agent(ABC):
         embeds = obs["prompt_embeds"]
         latents, log_probs = [obs["latents"]], []
         for i in range(self.policy.num_steps):
-            action, logp = self.policy.sample_step(obs["latents"], i, embeds, generator=self.generator)
+            action, logp = self.policy.sample_step(obs["latents"], i, embeds, generator=self.generator,
+                                                   noise=self.step_noise(i, obs["latents"].shape))
             obs, rewards, terminated, _, info = self.env.step(action)
             latents.append(action)
             log_probs.append(logp)
@@ -243,6 +247,11 @@ class Agent(ABC):
         info = {k: v.float() for k, v in info.items() if isinstance(v, torch.Tensor)}
         return Rollout(list(self.env.prompts), embeds, torch.stack(latents, 1), torch.stack(log_probs, 1),
                        rewards.float(), self.env.images, info)
+
+    def step_noise(self, step: int, shape: torch.Size) -> torch.Tensor | None:
+        """The sampler noise z of denoising step `step` for a batch, or None: the policy draws it
+        from `self.generator` (what every agent but one that designs its rollouts' noise does)."""
+        return None
 
     # 2. update ----------------------------------------------------------------------------
     def keep_rows(self, rollout: Rollout, rows: torch.Tensor) -> Rollout:

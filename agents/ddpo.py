@@ -38,6 +38,16 @@ class DDPOConfig(AgentConfig):
     stat_min_count: int = field(default=16, metadata={"help": "fewer rewards of a prompt: use the batch"})
     group_size: int = field(default=0, metadata={
         "help": "GRPO-style: k samples per prompt, advantages relative to the group (0: off)"})
+    shared_noise: bool = field(default=False, metadata={
+        "help": "the samples of a group start from the same x_T (DanceGRPO, Xue et al. 2025): their rewards "
+                "then differ only by the sampler's noise, the actions the log-probs score, and not by a "
+                "starting point the policy cannot choose. Needs group_size dividing env.batch_size"})
+    antithetic: bool = field(default=False, metadata={
+        "help": "mirrored pairs: samples 2j and 2j+1 of a group start from the same x_T, take opposite "
+                "noise (z, -z) on the trained steps and the same noise on the others, so that their "
+                "reward difference is the trained steps' doing alone and the score-function gradient of "
+                "a pair, (A_2j - A_2j+1) z / sigma, loses the reward noise of every other source. Each "
+                "sample is still a draw of the policy. Needs an even group_size"})
     step_chunk: int = field(default=0, metadata={
         "help": "denoising steps re-evaluated per UNet call in the update (0: all sampled steps of a "
                 "minibatch in one call; 1: one step per call, as TRL does); the gradient is the same"})
@@ -60,6 +70,11 @@ class DDPOConfig(AgentConfig):
             raise ValueError(f"agent.group_size = {self.group_size} is invalid: 0 (off) or >= 2")
         if self.step_chunk < 0:
             raise ValueError(f"agent.step_chunk = {self.step_chunk} is invalid: must be >= 0 (0: all steps)")
+        if self.shared_noise and not self.group_size:
+            raise ValueError("agent.shared_noise = true needs agent.group_size >= 2 (the groups that share x_T)")
+        if self.antithetic and (not self.group_size or self.group_size % 2):
+            raise ValueError(f"agent.antithetic = true needs an even agent.group_size (mirrored pairs within "
+                             f"a group), got {self.group_size}")
         if self.group_size and self.samples_per_epoch % self.group_size:
             raise ValueError(f"agent.samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
                              f"agent.group_size ({self.group_size})")
@@ -116,14 +131,36 @@ class DDPOAgent(Agent):
         if cfg.train_steps > policy.num_steps:
             raise ValueError(f"agent.train_steps = {cfg.train_steps} is invalid: the sampler has only "
                              f"{policy.num_steps} steps (env.num_steps)")
+        if cfg.antithetic and env.num_envs % 2:
+            raise ValueError(f"agent.antithetic = true needs an even env.batch_size (pairs share a reset), "
+                             f"got {env.num_envs}")
+        if cfg.shared_noise and env.num_envs % cfg.group_size:
+            raise ValueError(f"agent.shared_noise = true needs agent.group_size ({cfg.group_size}) to divide "
+                             f"env.batch_size ({env.num_envs}): a group's samples share one reset")
         self.tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
+        self._mirroring = False  # True while collecting the training groups of an antithetic run
 
     def collect(self, prompts: list[str] | None = None) -> Rollout:
         if prompts is None and self.cfg.group_size:
             k = self.cfg.group_size
             distinct = self.env.prompt_source(self.cfg.samples_per_epoch // k, self.env.np_random)
             prompts = [p for p in distinct for _ in range(k)]
+            noise_group = k if self.cfg.shared_noise else 2 if self.cfg.antithetic else 1
+            self._mirroring = self.cfg.antithetic
+            try:
+                return super().collect(prompts, noise_group=noise_group)
+            finally:
+                self._mirroring = False
         return super().collect(prompts)
+
+    def step_noise(self, step: int, shape: torch.Size) -> torch.Tensor | None:
+        """Antithetic pairs (`antithetic`): one draw per pair, negated for the second sample on the
+        trained steps and shared on the others; else None (the policy draws)."""
+        if not self._mirroring:
+            return None
+        z = torch.randn((shape[0] // 2, *shape[1:]), generator=self.generator)
+        sign = -1.0 if step < (self.cfg.train_steps or self.policy.num_steps) else 1.0
+        return torch.stack([z, sign * z], 1).flatten(0, 1)
 
     def advantages(self, rollout: Rollout) -> torch.Tensor:
         """The rollout's advantages, from the statistics of every process's samples (in a

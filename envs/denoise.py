@@ -32,7 +32,7 @@ SHAPES_PROMPT_SETS = {
 # The held-out family of each shipped fixed training set: prompts of the same kinds from the
 # held-out split, which no training sees (a fixed set is for learning that shows on its own prompts;
 # this family measures whether it generalizes).
-FIXED_SET_HELDOUT = {"shapes-16": "composition-heldout"}
+FIXED_SET_HELDOUT = {"shapes-16": "composition-heldout", "shapes-agree-16": "composition-heldout"}
 
 
 def heldout_counterpart(source) -> str | None:
@@ -115,6 +115,11 @@ class DenoiseVectorEnv(VectorEnv):
     ## Episode End
     All sub-envs terminate together after `num_steps` steps; there is no truncation and no
     autoreset: call `reset()` for the next batch.
+
+    ## Reset Options
+    `prompts`: a list of `num_envs` prompts (else drawn from the prompt source). `noise_group`: k
+    consecutive sub-envs start from the same x_T (default 1: every one its own), so that the
+    samples of a group differ only by the actions taken.
 
     ## Arguments
     pipeline: a loaded `StableDiffusionPipeline` or a name/path for `load_pipeline` ("shapes").
@@ -217,10 +222,16 @@ class DenoiseVectorEnv(VectorEnv):
             prompts = self.prompt_source(self.num_envs, self.np_random)
         if isinstance(prompts, str) or len(prompts) != self.num_envs:
             raise ValueError(f"options['prompts'] must be a list of {self.num_envs} prompts, got {prompts!r}")
+        group = options.get("noise_group", 1)
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1 or self.num_envs % group:
+            raise ValueError(f"options['noise_group'] must be a positive int dividing num_envs "
+                             f"({self.num_envs}), got {group!r}")
         self.prompts = list(prompts)
         self._generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
-        # 1. draw x_T ~ N(0, I) from the env's own generator (on the CPU: the same on any device)
-        noise = torch.randn((self.num_envs, *self.latent_shape), generator=self._generator)
+        # 1. draw x_T ~ N(0, I) from the env's own generator (on the CPU: the same on any device),
+        #    one per `noise_group` consecutive sub-envs
+        noise = torch.randn((self.num_envs // group, *self.latent_shape), generator=self._generator)
+        noise = noise.repeat_interleave(group, 0)
         self.latents = noise.to(self.device) * self.pipe.scheduler.init_noise_sigma
         # 2. encode the prompts once per episode
         self.prompt_embeds = self._encode(self.prompts)

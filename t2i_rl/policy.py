@@ -326,16 +326,23 @@ class DiffusionPolicy:
         generator: torch.Generator | None = None,
         reduce: str = "mean",
         grad: bool = False,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Act: x_{t-1} = mean + std * z, z ~ N(0, I) from `generator`; returns (x_{t-1}, log_prob [B]).
 
         The noise is drawn as DDIMScheduler.step draws it (randn_tensor, float32), so the same
-        generator state gives the scheduler's own sample. No gradients unless `grad=True`.
+        generator state gives the scheduler's own sample; `noise` gives z instead (a caller that
+        designs its samples' noise, e.g. antithetic pairs). No gradients unless `grad=True`.
         """
         _check_reduce(reduce)
+        if noise is not None and tuple(noise.shape) != tuple(latents.shape):
+            raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
         with torch.set_grad_enabled(grad):
             mean, std = self.step_stats(latents, step_index, embeds)
-            z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            if noise is None:
+                z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            else:
+                z = noise.to(device=mean.device, dtype=torch.float32)
             next_latents = (mean + std * z).to(latents.dtype)
             # log-prob of the stored action (after any cast), so re-evaluation gives the same number
             logp = self.gaussian_log_prob(next_latents, mean, std, reduce)

@@ -52,6 +52,57 @@ def test_unknown_option_is_named():
         DDPOConfig.from_dict({"learning_rate": 1e-3})
 
 
+def test_shared_noise_starts_each_group_from_one_x_T(tiny_agent):
+    from agents.ddpo import DDPOAgent
+
+    agent = tiny_agent(DDPOAgent, samples_per_epoch=4, group_size=2, shared_noise=True)
+    agent.seed(0)
+    x_T = agent.collect().latents[:, 0]
+    assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[2], x_T[3]) and not torch.equal(x_T[0], x_T[2])
+    agent = tiny_agent(DDPOAgent, samples_per_epoch=4, group_size=2)
+    agent.seed(0)
+    x_T = agent.collect().latents[:, 0]
+    assert not torch.equal(x_T[0], x_T[1])
+
+
+def test_antithetic_pairs_mirror_the_trained_steps_and_share_the_rest(tiny_agent):
+    from agents.ddpo import DDPOAgent
+
+    agent = tiny_agent(DDPOAgent, steps=3, samples_per_epoch=4, group_size=2, antithetic=True, train_steps=1)
+    agent.seed(0)
+    r = agent.collect()
+    x = r.latents  # [sample, step, C, H, W]
+    assert torch.equal(x[0, 0], x[1, 0]) and not torch.equal(x[0, 0], x[2, 0])
+    # step 0 (trained): x_1 = mean -+ std z, the pair symmetric about the mean both share
+    mean, std = agent.policy.step_stats(x[:2, 0], 0, r.embeds[:2], reference=True)
+    assert torch.allclose((x[0, 1] + x[1, 1]) / 2, mean[0], atol=1e-5)
+    assert not torch.allclose(x[0, 1], x[1, 1])
+    # step 1 (not trained): the same z for both, x_2 - mean(x_1) equal
+    m0, s1 = agent.policy.step_stats(x[:2, 1], 1, r.embeds[:2], reference=True)
+    assert torch.allclose(x[0, 2] - m0[0], x[1, 2] - m0[1], atol=1e-5)
+    # the stored log-probs are those of the actions taken
+    logp = agent.policy.log_prob(x[:, 0], x[:, 1], 0, r.embeds)
+    assert torch.allclose(logp, r.log_probs[:, 0], atol=1e-5)
+    # the evaluation path (prompts given) draws as before: no mirroring outside the training groups
+    agent.seed(0)
+    free = agent.collect(["one red circle on a white background"] * 2).latents
+    assert not torch.equal(free[0, 0], free[1, 0])
+
+
+def test_antithetic_needs_even_groups():
+    with pytest.raises(ValueError, match="antithetic = true needs an even agent.group_size"):
+        DDPOConfig(antithetic=True, group_size=3, samples_per_epoch=6)
+
+
+def test_shared_noise_needs_groups_that_fit_a_reset(tiny_agent):
+    from agents.ddpo import DDPOAgent
+
+    with pytest.raises(ValueError, match="shared_noise = true needs agent.group_size >= 2"):
+        DDPOConfig(shared_noise=True, group_size=0)
+    with pytest.raises(ValueError, match=r"group_size \(4\) to divide env.batch_size \(2\)"):
+        tiny_agent(DDPOAgent, samples_per_epoch=4, group_size=4, shared_noise=True)
+
+
 def test_one_unet_call_over_all_steps_gives_the_per_step_gradient(tiny_agent):
     """step_chunk=0 (every sampled step in one UNet call) == step_chunk=1 (one call per step)."""
     from agents.ddpo import DDPOAgent

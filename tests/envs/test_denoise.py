@@ -96,6 +96,23 @@ def test_options_fix_the_prompt(pipe):
     assert info["prompt"] == PROMPT
 
 
+def test_noise_group_shares_x_T_within_groups_and_keeps_the_default_draw(pipe):
+    env = make_vec(pipe, GoldReward(), n=4)
+    alone = env.reset(seed=5)[0]["latents"].clone()
+    again = env.reset(seed=5, options={"noise_group": 1})[0]["latents"]
+    assert torch.equal(alone, again)  # the option's default changes nothing
+    grouped = env.reset(seed=5, options={"noise_group": 2})[0]["latents"]
+    assert torch.equal(grouped[0], grouped[1]) and torch.equal(grouped[2], grouped[3])
+    assert not torch.equal(grouped[0], grouped[2])
+
+
+@pytest.mark.parametrize("group", [0, 3, 2.0, True])
+def test_bad_noise_group_is_refused_naming_it(pipe, group):
+    env = make_vec(pipe, GoldReward(), n=4)
+    with pytest.raises(ValueError, match=r"noise_group.*dividing num_envs \(4\)"):
+        env.reset(seed=0, options={"noise_group": group})
+
+
 @pytest.mark.parametrize("action, match", [
     (torch.zeros(2, 4, 8, 8), r"shape \(2, 4, 16, 16\)"),
     (torch.zeros(2, 4, 16, 16, dtype=torch.long), "floating point"),
