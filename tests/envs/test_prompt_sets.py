@@ -18,7 +18,7 @@ def draw(source, n=64, seed=0):
 
 
 def test_shipped_sets_are_ddpo_style_animals_and_activities():
-    assert shipped_prompt_sets() == ["activities", "animals", "shapes-16"]
+    assert shipped_prompt_sets() == ["activities", "animals", "shapes-16", "shapes-agree-16"]
     animals = load_prompt_file(PROMPT_ASSETS / "animals.txt")
     activities = load_prompt_file(PROMPT_ASSETS / "activities.txt")
     assert 40 <= len(animals) <= 50 and 45 <= len(activities) <= 55
@@ -30,16 +30,17 @@ def test_shipped_sets_are_ddpo_style_animals_and_activities():
     assert set(draw("activities")) <= set(activities)
 
 
-def test_the_default_fixed_set_is_32_distinct_training_prompts_of_two_objects():
+@pytest.mark.parametrize("name", ["shapes-16", "shapes-agree-16"])
+def test_the_fixed_sets_are_16_distinct_training_prompts_of_two_objects(name):
     from t2i_rl.world import parse_prompt
     from t2i_rl.world.grammar import is_heldout
 
-    prompts = load_prompt_file(PROMPT_ASSETS / "shapes-16.txt")
+    prompts = load_prompt_file(PROMPT_ASSETS / f"{name}.txt")
     assert len(prompts) == len(set(prompts)) == 16
     scenes = [parse_prompt(p) for p in prompts]  # every prompt is in the grammar
     assert all(len(s.groups) == 2 and not is_heldout(s) for s in scenes)  # never a held-out prompt
     assert [s.text() for s in scenes] == prompts  # canonical text, as the judge and TextNorm read it
-    assert heldout_counterpart("shapes-16") == "composition-heldout"
+    assert heldout_counterpart(name) == "composition-heldout"
     assert heldout_counterpart("composition-train") == "composition-heldout"
     assert heldout_counterpart("animals") is None
 
