@@ -91,8 +91,8 @@ def trainer_for(agent: str, args: argparse.Namespace, pipeline: Path, reward: Pa
             f"agent.lora_rank={args.lora_rank}", "epochs=1", f"output_dir={run_dir}",
             "eval.num_prompts=0", "eval.train_images=0", "samples.every=0", "resume=false",
             # DDPO as its paper runs it on SD (every step trained, per-prompt statistics), not the
-            # ShapesWorld recipe of the agent config (groups of 8, the first 4 steps)
-            *(["agent.group_size=0", "agent.train_steps=0"] if agent == "ddpo" else [])])
+            # ShapesWorld recipe of the agent config (groups of 8, antithetic pairs, the first step)
+            *(["agent.group_size=0", "agent.train_steps=0", "agent.antithetic=false"] if agent == "ddpo" else [])])
     return Trainer(cfg)
 
 

@@ -95,6 +95,8 @@ def test_one_trl_epoch_trains_the_policy_weights(trl_agent):
 @pytest.mark.parametrize("bad, match", [
     ({"kl_coef": 0.1}, "no KL"),
     ({"group_size": 2}, "GRPO"),
+    ({"antithetic": True}, "antithetic = true needs an even agent.group_size"),  # TRL has no groups
+    ({"shared_noise": True}, "shared_noise = true needs agent.group_size"),
     ({"train_steps": 2}, "all T"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
 ])
