@@ -284,7 +284,7 @@ class Trainer:
         from envs import DenoiseVectorEnv, heldout_counterpart, make_prompt_source, training_eval_prompts
         from t2i_rl.checkpoint import find_checkpoint
         from t2i_rl.diagnostics import EarlyStopper, HackDetector
-        from t2i_rl.logger import RunLogger, truncate_jsonl
+        from t2i_rl.logger import RunLogger
         from t2i_rl.models import load_pipeline
         from t2i_rl.rewards import make_reward
 
@@ -347,10 +347,8 @@ class Trainer:
             raise RuntimeError(f"only some processes see {last}: output_dir must be on a filesystem every process reads")
         if resume:
             self._resume(last)
-            if self.is_main:
-                truncate_jsonl(self.run_dir / "metrics.jsonl", self.start_epoch - 1)
-        self.logger = RunLogger(self.run_dir, enabled=self.is_main,
-                                purge_step=self.start_epoch if self.start_epoch else None)
+        # the logger drops what the folder holds from start_epoch on (metrics.jsonl and TensorBoard)
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main, purge_step=self.start_epoch)
         if self.is_main:  # in one rename: a kill mid-write must not leave a truncated config to resume under
             tmp = self.run_dir / ".config.yaml.tmp"
             OmegaConf.save(cfg, tmp, resolve=True)
