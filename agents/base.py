@@ -280,9 +280,13 @@ class Agent(ABC):
         A step whose loss or gradient norm is not finite is skipped (`health` counts it), in every
         process alike. Returns the gradient norm before clipping (inf for a non-finite loss)."""
         if self.engine is not None:  # DeepSpeed reduces (over its partitions), clips, steps and zeroes
+            if not bool(torch.isfinite(loss.detach())):
+                # its ZeRO optimizer skips a step whose gradient norm is not finite, but a NaN loss can have
+                # finite gradients: backward inf gradients instead, which every process then reduces
+                loss = sum((p * math.inf).sum() for p in self.params)
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.backward(loss)
-            self.engine.step()  # its engine steps before the norm is known: counted, not prevented
+            self.engine.step()
             norm = float(self.engine.get_global_grad_norm())
             self.health.allows(norm)
             return norm

@@ -178,3 +178,40 @@ def test_clip_range_inf_still_means_no_clip():
     from t2i_rl.train import precheck
 
     precheck(["agent=dpok", "agent.clip_range=inf"])
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A gloo process group of one process, which DeepSpeed's engine needs (torn down afterwards)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_deepspeed_skips_a_step_with_a_nonfinite_loss_or_gradient(agent, one_process_group):
+    """Under DeepSpeed the engine steps: its ZeRO optimizer finds the non-finite gradient norm and skips
+    the step itself (the weights and its states stay as they were), and `health` counts it."""
+    pytest.importorskip("deepspeed")
+    agent.use_deepspeed({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                         "train_batch_size": 2, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
+                         "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
+    params = agent.params
+    before = [p.detach().clone() for p in params]
+    total = sum(p.sum() for p in params)
+    for loss in (total + math.nan, (params[0] * math.inf).sum() + 1):
+        assert not math.isfinite(agent.optimizer_step(loss))
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert agent.health.take_skipped() == 2 and agent.health.in_a_row == 2
+    assert math.isfinite(agent.optimizer_step(sum(p.square().sum() for p in params) + params[0].sum()))
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    assert agent.health.in_a_row == 0 and agent.health.take_skipped() == 0
