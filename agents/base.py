@@ -385,9 +385,14 @@ def _require_adamw(agent: Agent, refusal: str, instead: str) -> None:
                          f"not the AdamW that can be sharded; {instead}")
 
 
-def minibatches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches covering range(n)."""
-    order = torch.randperm(n, generator=generator)
+def minibatches(n: int, size: int, generator: torch.Generator, unit: int = 1) -> list[torch.Tensor]:
+    """Shuffled index batches covering range(n). With `unit` > 1 the blocks of `unit` consecutive rows
+    (a group, a mirrored pair) are shuffled whole and never split over two batches; `unit` must
+    divide both n and size."""
+    if n % unit or size % unit:
+        raise ValueError(f"minibatch unit {unit} must divide the rows ({n}) and the batch size ({size})")
+    blocks = torch.randperm(n // unit, generator=generator)
+    order = (blocks[:, None] * unit + torch.arange(unit)).flatten()
     return [order[i:i + size] for i in range(0, n, size)]
 
 

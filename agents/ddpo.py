@@ -79,6 +79,16 @@ class DDPOConfig(AgentConfig):
             raise ValueError(f"agent.samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
                              f"agent.group_size ({self.group_size})")
 
+    def minibatch_unit(self) -> int:
+        """The rows an optimizer step takes together: a whole group when train_batch_size holds whole
+        groups, else a whole mirrored pair, else any rows. A group's advantages sum to zero and a
+        pair's gradient is (A_2j - A_2j+1) z / sigma only when they share one step: split over two
+        steps, each step carries their common reward noise."""
+        k, b = self.group_size, self.train_batch_size
+        if k and b % k == 0:
+            return k
+        return 2 if self.antithetic and b % 2 == 0 else 1
+
 
 class PerPromptStatTracker:
     """Running reward statistics per prompt (DDPO): a prompt's advantage is its reward standardized
@@ -187,9 +197,10 @@ class DDPOAgent(Agent):
         adv = self.advantages(rollout)
         trained = self.cfg.train_steps or self.policy.num_steps  # the first steps, those trained on
         n_steps = max(1, round(self.cfg.timestep_fraction * trained))
+        unit = self.cfg.minibatch_unit() if len(rollout) == self.cfg.samples_per_epoch else 1  # rows dropped: 1
         stats: dict[str, list[float]] = {}
         for _ in range(self.cfg.inner_epochs):
-            for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
+            for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator, unit):
                 steps = torch.randperm(trained, generator=self.generator)[:n_steps]
                 chunk = self.cfg.step_chunk or n_steps
                 for start in range(0, n_steps, chunk):

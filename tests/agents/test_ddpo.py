@@ -149,3 +149,25 @@ def test_train_steps_beyond_the_sampler_is_refused(tiny_agent):
         tiny_agent(DDPOAgent, steps=3, train_steps=4)
     with pytest.raises(ValueError, match="train_steps"):
         DDPOConfig(train_steps=-1)
+
+
+def test_minibatches_keep_blocks_whole():
+    from agents.base import minibatches
+
+    g = torch.Generator().manual_seed(0)
+    batches = minibatches(12, 4, g, unit=2)
+    assert sorted(torch.cat(batches).tolist()) == list(range(12)) and [len(b) for b in batches] == [4, 4, 4]
+    for b in batches:
+        pairs = b.view(-1, 2)
+        assert torch.all(pairs[:, 0] % 2 == 0) and torch.all(pairs[:, 1] == pairs[:, 0] + 1)
+    assert minibatches(12, 4, g, unit=2)[0].tolist() != batches[0].tolist()  # shuffled afresh
+    with pytest.raises(ValueError, match=r"minibatch unit 4 must divide the rows \(12\) and the batch size \(6\)"):
+        minibatches(12, 6, g, unit=4)
+
+
+@pytest.mark.parametrize("group_size, antithetic, batch, unit", [(8, True, 8, 8), (8, True, 16, 8), (8, True, 4, 2),
+                                                                 (4, False, 6, 1), (0, False, 8, 1)])
+def test_an_optimizer_step_takes_whole_groups_or_pairs(group_size, antithetic, batch, unit):
+    cfg = DDPOConfig(samples_per_epoch=16 if group_size != 4 else 12, group_size=group_size, antithetic=antithetic,
+                     train_batch_size=batch)
+    assert cfg.minibatch_unit() == unit
