@@ -134,6 +134,9 @@ class DiffusionPolicy:
         if not self.trainable_parameters():
             raise ValueError(f"no trainable parameters: lora_target_modules={tuple(lora_target_modules)} matched nothing")
 
+        # the frozen weights' dtype, fixed from here on: diffusers' `unet.dtype` walks the parameters on
+        # every call, which cost 10% of a ShapesWorld epoch when asked three times per UNet call
+        self._compute_dtype: torch.dtype = self.unet.dtype
         self._uncond: torch.Tensor = self.encode_prompts([""])  # [1, L, D], cached once
 
     # ---------------------------------------------------------------- schedule
@@ -234,10 +237,11 @@ class DiffusionPolicy:
         if t.ndim and len(t) != latents.shape[0]:
             raise ValueError(f"{len(t)} step indices for a batch of {latents.shape[0]} latents")
         cfg = self.guidance_scale > 1.0
-        x = latents.to(unet.dtype)
-        cond = embeds.to(device=latents.device, dtype=unet.dtype)
+        dtype = self._compute_dtype  # the reference's too: a copy of the UNet, or the UNet with adapters off
+        x = latents.to(dtype)
+        cond = embeds.to(device=latents.device, dtype=dtype)
         if cfg:
-            uncond = self._uncond.to(device=latents.device, dtype=unet.dtype).expand(cond.shape[0], -1, -1)
+            uncond = self._uncond.to(device=latents.device, dtype=dtype).expand(cond.shape[0], -1, -1)
             x = torch.cat([x, x])
             cond = torch.cat([uncond, cond])
             t = torch.cat([t, t]) if t.ndim else t
