@@ -8,10 +8,16 @@ torch-native vector env.
 """
 
 import logging
+from pathlib import Path
 
 import gymnasium
 
 __version__ = "0.1.0"
+
+# The Hydra configs: package data (t2i_rl/conf, mapped from configs/ by pyproject.toml) in an installed
+# wheel, the repository's configs/ in a source checkout or an editable install
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "configs"
 
 
 class _NoTorchvisionFallbackNotice(logging.Filter):

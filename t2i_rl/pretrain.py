@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from . import CONFIG_DIR
 from .models import build_pipeline, build_tokenizer, save_pipeline_atomically
 from .recipe import load_checked, lr_lambda
 from .world import ShapesWorld
 from .world.grammar import sample_scenes
 from .world.render import render_scenes
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "shapes_sd.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "pretrain" / "shapes_sd.yaml"
 
 
 def validate(cfg: DictConfig) -> None:

@@ -25,9 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from agents.base import TrainingDiverged
-from t2i_rl import distributed, runlock
+from t2i_rl import CONFIG_DIR, distributed, runlock
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("agent", "env", "model")
 
 

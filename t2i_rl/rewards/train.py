@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from .. import CONFIG_DIR
 from ..models import build_tokenizer
 from ..recipe import load_checked, lr_lambda
 from ..world import ShapesWorld
@@ -46,7 +47,7 @@ from .clip_style import ShapesCLIP
 from .lee import LeeReward
 from .pairwise import PairwiseReward, bradley_terry_loss, preference_pairs
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "rewards.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "pretrain" / "rewards.yaml"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the learned temperature
 CLIP_SIZES = ("image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden",
               "text_layers", "projection_dim", "heads")
