@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .metrics import AP_KS, aggregate, prompt_metrics
+from .rewards.base import score_images
 from .world import ShapesWorld, parse_prompt
 
 BENCHMARK = "TIA2-shapes"
@@ -210,24 +211,6 @@ def save_cached_images(path: str | Path, settings: dict, prompts: list[str], ima
 
 # ----------------------------------------------------------------------------------------------
 # Scoring and metrics
-
-
-@torch.no_grad()
-def score_images(reward: Callable, images: torch.Tensor, prompts: list[str], batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> np.ndarray:
-    """A reward's scores [N] of images [N, 3, H, W] against their prompts, in batches."""
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
-        result = reward(x, prompts[start:start + batch_size])
-        scores = getattr(result, "scores", result)
-        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
-        if scores.shape[0] != x.shape[0]:
-            raise ValueError(f"the reward returned {scores.shape[0]} scores for {x.shape[0]} images")
-        if not torch.isfinite(scores).all():
-            raise ValueError("the reward returned NaN or inf scores")
-        out.append(scores.numpy().astype(np.float64))
-    return np.concatenate(out)
 
 
 def run_reward_benchmark(

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from .metrics import AP_KS, aggregate, prompt_metrics
+from .rewards.base import score_images
 
 BENCHMARK = "TIA2"
 RELEASE_SPLITS: tuple[str, ...] = ("counting", "composition", "comprehensive")
@@ -291,8 +292,6 @@ def score_folder_images(
 ) -> dict[str, dict[str, list[np.ndarray]]]:
     """Every reward's scores of the folder's images: {reward: {split: [scores of each prompt]}}.
     A prompt's images are loaded once for all rewards."""
-    from .benchmark import score_images
-
     if not rewards:
         raise ValueError("no rewards to score")
     rewards = {name: r.to(device) if hasattr(r, "to") else r for name, r in rewards.items()}

@@ -8,8 +8,10 @@ several prompts at once (`score_prompts`), which is what TextNorm needs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..world.judge import check_images
@@ -52,3 +54,21 @@ class RawReward(RewardFunction):
     def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         scores = self.score_prompts(images, [[p] for p in prompts])[:, 0]
         return RewardOutput(scores, {f"rm/{self.name}": scores.detach()})
+
+
+@torch.no_grad()
+def score_images(reward: Callable, images: torch.Tensor, prompts: list[str], batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> np.ndarray:
+    """A reward's scores [N] of images [N, 3, H, W] against their prompts, in batches."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        result = reward(x, prompts[start:start + batch_size])
+        scores = getattr(result, "scores", result)
+        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+        if scores.shape[0] != x.shape[0]:
+            raise ValueError(f"the reward returned {scores.shape[0]} scores for {x.shape[0]} images")
+        if not torch.isfinite(scores).all():
+            raise ValueError("the reward returned NaN or inf scores")
+        out.append(scores.numpy().astype(np.float64))
+    return np.concatenate(out)
