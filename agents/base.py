@@ -24,6 +24,9 @@ class AgentConfig:
     name: str = field(default="base", metadata={"help": "the agent's name (its file in agents/)"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={
+        "help": "AdamW's beta1, the momentum's decay: its average spans about 1/(1 - beta1) steps, over "
+                "which the noise of single-batch gradients cancels while their common direction adds up"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     samples_per_epoch: int = field(default=32, metadata={"help": "images collected per epoch"})
     train_batch_size: int = field(default=8, metadata={"help": "samples per gradient step"})
@@ -44,6 +47,7 @@ class AgentConfig:
         checks = {
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
+            "adam_beta1": 0 <= self.adam_beta1 < 1,
             "max_grad_norm": self.max_grad_norm >= 0,
             "samples_per_epoch": self.samples_per_epoch >= 1,
             "train_batch_size": self.train_batch_size >= 1,
@@ -85,6 +89,7 @@ class AgentConfig:
 
 _RULES = {
     "weight_decay": "must be >= 0",
+    "adam_beta1": "must be in [0, 1)",
     "max_grad_norm": "must be >= 0",
     "kl_coef": "must be >= 0",
     "lora_rank": "must be >= 1 or null",
@@ -180,7 +185,7 @@ class Agent(ABC):
         self.env = env
         self.policy = policy
         self.params = policy.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, **adamw_settings(cfg))
         # a float16 UNet backpropagates in float16, where small gradients underflow to 0 unless the
         # loss is scaled up first (a no-op for bfloat16 and float32, whose range needs none)
         self.scaler = torch.amp.GradScaler(self.params[0].device.type, enabled=policy.computes_in_float16)
@@ -195,8 +200,7 @@ class Agent(ABC):
         each process keeping its share of the states, to fit full fine-tuning of a large UNet. Called
         before the first step, while AdamW holds no state yet."""
         _require_adamw(self, "shard_optimizer=true is invalid", "use shard_optimizer=false")
-        self.optimizer = distributed.zero_optimizer(self.params, torch.optim.AdamW, lr=self.cfg.lr,
-                                                    weight_decay=self.cfg.weight_decay)
+        self.optimizer = distributed.zero_optimizer(self.params, torch.optim.AdamW, **adamw_settings(self.cfg))
 
     def use_deepspeed(self, config: dict[str, Any]) -> None:
         """Hand the gradient averaging, clipping and step to DeepSpeed's ZeRO engine (stage 1 or 2,
@@ -375,6 +379,11 @@ class Agent(ABC):
         self.scaler.load_state_dict(state.get("scaler", {}))
         self.generator.set_state(state["generator"])
         self.env.set_rng_state(state["env"])
+
+
+def adamw_settings(cfg: AgentConfig) -> dict[str, Any]:
+    """AdamW's settings from the agent's config (also applied to a resumed optimizer's groups)."""
+    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (cfg.adam_beta1, 0.999)}
 
 
 def _require_adamw(agent: Agent, refusal: str, instead: str) -> None:

@@ -284,7 +284,7 @@ class TRLDDPOAgent(Agent):
             sample_guidance_scale=float(env.guidance_scale), sample_batch_size=batch,
             sample_num_batches_per_epoch=n_batches,
             train_batch_size=cfg.train_batch_size, train_learning_rate=cfg.lr,
-            train_adam_weight_decay=cfg.weight_decay,
+            train_adam_weight_decay=cfg.weight_decay, train_adam_beta1=cfg.adam_beta1,
             train_max_grad_norm=cfg.max_grad_norm or math.inf,
             train_gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             train_num_inner_epochs=cfg.inner_epochs, train_cfg=float(env.guidance_scale) > 1.0,

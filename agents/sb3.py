@@ -394,7 +394,7 @@ class SB3PPOAgent(Agent):
             target_kl=cfg.target_kl, verbose=cfg.verbose, device=policy.device,
             policy_kwargs=dict(diffusion_policy=policy, value_hidden=cfg.value_hidden,
                                step_embed_dim=cfg.step_embed_dim, optimizer_class=torch.optim.AdamW,
-                               optimizer_kwargs={"weight_decay": cfg.weight_decay}),
+                               optimizer_kwargs={"weight_decay": cfg.weight_decay, "betas": (cfg.adam_beta1, 0.999)}),
         )
         # SB3's optimizer is the one that steps (LoRA + value head): checkpoints save its state
         self.optimizer = self.model.policy.optimizer

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from agents.base import TrainingDiverged
+from agents.base import TrainingDiverged, adamw_settings
 from t2i_rl import CONFIG_DIR, distributed, runlock
 
 GROUPS = ("agent", "env", "model")
@@ -530,7 +530,7 @@ class Trainer:
         state = load_checkpoint(path, self.policy)
         self.agent.load_state_dict(state["agent"])
         for group in self.agent.optimizer.param_groups:  # the config's (resume=force may change them)
-            group.update(lr=self.agent.cfg.lr, weight_decay=self.agent.cfg.weight_decay)
+            group.update(adamw_settings(self.agent.cfg))
         torch.set_rng_state(state["torch_rng"])
         self.hacks.threshold = state["hack_threshold"]
         self.stopper.history = state["stopper"]

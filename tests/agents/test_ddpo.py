@@ -41,7 +41,7 @@ def test_stat_tracker_uses_the_batch_until_min_count():
 
 
 @pytest.mark.parametrize("field, value", [("clip_range", 0.0), ("lr", -1.0), ("group_size", 1),
-                                          ("timestep_fraction", 1.5), ("lora_rank", 0)])
+                                          ("timestep_fraction", 1.5), ("lora_rank", 0), ("adam_beta1", 1.0)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         DDPOConfig(**{field: value})
@@ -171,3 +171,11 @@ def test_an_optimizer_step_takes_whole_groups_or_pairs(group_size, antithetic, b
     cfg = DDPOConfig(samples_per_epoch=16 if group_size != 4 else 12, group_size=group_size, antithetic=antithetic,
                      train_batch_size=batch)
     assert cfg.minibatch_unit() == unit
+
+
+def test_adamw_takes_the_configured_momentum(tiny_agent):
+    from agents.ddpo import DDPOAgent
+
+    agent = tiny_agent(DDPOAgent, adam_beta1=0.99)
+    group = agent.optimizer.param_groups[0]
+    assert group["betas"] == (0.99, 0.999) and group["lr"] == agent.cfg.lr
