@@ -304,8 +304,8 @@ class Trainer:
         pipe = load_pipeline(model.pipeline, dtype=getattr(torch, model.dtype), device=device,
                              attention=model.attention, gradient_checkpointing=model.gradient_checkpointing,
                              vae_slicing=model.vae_slicing)
-        reward = make_reward(cfg.env.reward)
-        gold = make_reward(cfg.env.gold) if cfg.env.gold else None
+        reward = make_reward(cfg.env.reward, device)  # on the run's device, as the images it scores
+        gold = make_reward(cfg.env.gold, device) if cfg.env.gold else None
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
