@@ -80,14 +80,11 @@ class DDPOConfig(AgentConfig):
                              f"agent.group_size ({self.group_size})")
 
     def minibatch_unit(self) -> int:
-        """The rows an optimizer step takes together: a whole group when train_batch_size holds whole
-        groups, else a whole mirrored pair, else any rows. A group's advantages sum to zero and a
-        pair's gradient is (A_2j - A_2j+1) z / sigma only when they share one step: split over two
-        steps, each step carries their common reward noise."""
-        k, b = self.group_size, self.train_batch_size
-        if k and b % k == 0:
-            return k
-        return 2 if self.antithetic and b % 2 == 0 else 1
+        """The rows an optimizer step takes together: with antithetic pairs, whole pairs (2), else any
+        rows (1). A pair's gradient is (A_2j - A_2j+1) z / sigma only when both share a step: split
+        over two steps, each step carries their common reward noise. Whole groups are not kept
+        together: a step of one group would train on one prompt alone."""
+        return 2 if self.antithetic and self.train_batch_size % 2 == 0 else 1
 
 
 class PerPromptStatTracker:

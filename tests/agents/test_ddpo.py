@@ -165,9 +165,9 @@ def test_minibatches_keep_blocks_whole():
         minibatches(12, 6, g, unit=4)
 
 
-@pytest.mark.parametrize("group_size, antithetic, batch, unit", [(8, True, 8, 8), (8, True, 16, 8), (8, True, 4, 2),
-                                                                 (4, False, 6, 1), (0, False, 8, 1)])
-def test_an_optimizer_step_takes_whole_groups_or_pairs(group_size, antithetic, batch, unit):
+@pytest.mark.parametrize("group_size, antithetic, batch, unit", [(8, True, 8, 2), (8, True, 5, 1), (4, False, 4, 1),
+                                                                 (0, False, 8, 1)])
+def test_an_optimizer_step_takes_whole_mirrored_pairs(group_size, antithetic, batch, unit):
     cfg = DDPOConfig(samples_per_epoch=16 if group_size != 4 else 12, group_size=group_size, antithetic=antithetic,
                      train_batch_size=batch)
     assert cfg.minibatch_unit() == unit
