@@ -4,7 +4,7 @@ Two runs writing one folder interleave their metrics and TensorBoard events and 
 other's checkpoints. The lock file holds the owner's pid and host; it is made with O_EXCL, so of
 two runs starting at once one gets it. A lock whose process is gone (same host, no such pid: the
 run was killed) is taken over with a message, and what the killed run's checkpoint saves left
-(`checkpoint.remove_dead_saves`) is cleared; a lock of another host cannot be checked from here
+(`checkpoint.remove_dead_saves`) and its other half-written files are cleared; a lock of another host cannot be checked from here
 and is refused, naming the file to delete once that run is known to be gone.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 LOCK_FILE = "run.lock"
 CHECKPOINTS = "checkpoints"  # the run folder's checkpoints (t2i_rl/train.py)
+EVALS = "evals"  # its evaluations' scores and images
 _HELD: set[Path] = set()  # the run folders this process locked, released when it exits
 
 
@@ -80,10 +81,18 @@ def acquire(run_dir: str | Path) -> None:
             from t2i_rl.checkpoint import remove_dead_saves
 
             remove_dead_saves(Path(run_dir) / CHECKPOINTS)
+            _remove_dead_writes(Path(run_dir))
     else:
         with os.fdopen(fd, "w") as f:
             f.write(mine)
     _HELD.add(Path(run_dir))
+
+
+def _remove_dead_writes(run_dir: Path) -> None:
+    """The temporary files of a killed run's one-rename writes (`.config.yaml.tmp`, the evaluations'
+    `evals/.epochNNNN.{npz,json}.tmp`): never read, and an evaluation's images are megabytes."""
+    for leftover in [*run_dir.glob(".config.yaml.tmp"), *(run_dir / EVALS).glob(".epoch*.tmp")]:
+        leftover.unlink(missing_ok=True)
 
 
 def release(run_dir: str | Path) -> None:

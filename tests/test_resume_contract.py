@@ -130,11 +130,16 @@ def test_a_stale_lock_is_taken_over_with_a_message_and_another_hosts_is_refused(
     for name in ("last", ".last.old", ".last.k3j_x9", ".best.old", ".best.tmp9"):
         (checkpoints / name).mkdir(parents=True)
     (checkpoints / ".nfs0001.x").write_text("")  # not a save's: left alone
+    # and the temporary files of its one-rename writes, beside finished ones
+    (run_dir / runlock.EVALS).mkdir()
+    for name in ("evals/epoch0000.json", "evals/.epoch0050.npz.tmp", "evals/.epoch0050.json.tmp", ".config.yaml.tmp"):
+        (run_dir / name).write_text("")
     runlock.check(run_dir)
     runlock.acquire(run_dir)
     taken = f"taking over the lock of {run_dir} from pid {gone.pid}, which is no longer running\n"
     assert capsys.readouterr().err == taken
     assert sorted(os.listdir(checkpoints)) == [".best.old", ".nfs0001.x", "last"]
+    assert os.listdir(run_dir / runlock.EVALS) == ["epoch0000.json"] and not (run_dir / ".config.yaml.tmp").exists()
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     runlock.release(run_dir)
     assert not lock.exists()
