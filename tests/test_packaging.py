@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -39,8 +40,11 @@ def test_a_source_checkout_reads_the_configs_folder():
 def installed(tmp_path_factory) -> Path:
     """The wheel of this tree, installed (without its dependencies, which this venv has) into a folder."""
     root = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ into the tree it builds, and would reuse a stale one
+    source = shutil.copytree(ROOT, root / "source", ignore=shutil.ignore_patterns(
+        ".*", "build", "runs", "docs", "__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(root / "dist"), str(ROOT)], check=True, capture_output=True)
+                    str(root / "dist"), str(source)], check=True, capture_output=True)
     (wheel,) = (root / "dist").glob("t2i_rl-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
