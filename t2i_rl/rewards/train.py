@@ -39,7 +39,7 @@ from .. import CONFIG_DIR
 from ..models import build_tokenizer
 from ..recipe import load_checked, lr_lambda
 from ..world import ShapesWorld
-from ..world.grammar import contrastive_scenes, parse_prompt, sample_scenes
+from ..world.grammar import COUNT_WORDS, MAX_COUNT, Scene, contrastive_scenes, parse_prompt, sample_scenes
 from ..world.render import render_scenes
 from ._common import pad_prompt_sets, prompt_index
 from .base import RawReward
@@ -75,6 +75,20 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"lee.ce_on must be 'positive' or 'all', got {cfg.lee.ce_on!r}")
     if int(cfg.lee.n_contrastive) < 1:
         raise ValueError(f"lee.n_contrastive must be >= 1, got {cfg.lee.n_contrastive}")
+    captions = cfg.clip.get("captions", "exact")
+    if captions not in ("exact", "web"):
+        raise ValueError(f"clip.captions must be 'exact' or 'web', got {captions!r}")
+    if captions == "web":
+        web = cfg.clip.web
+        probs = [float(web[k]) for k in ("p_count_missing", "p_count_wrong", "p_color_missing", "p_background_missing")]
+        if not all(0 <= p <= 1 for p in probs) or probs[0] + probs[1] > 1:
+            raise ValueError(f"clip.web probabilities must be in [0, 1] (p_count_missing + p_count_wrong <= 1), "
+                             f"got {OmegaConf.to_container(web)}")
+    labels = cfg.pairwise.get("labels", "judge")
+    if labels not in ("judge", "simulated"):
+        raise ValueError(f"pairwise.labels must be 'judge' or 'simulated', got {labels!r}")
+    if labels == "simulated" and float(cfg.pairwise.rater.noise) <= 0:
+        raise ValueError(f"pairwise.rater.noise must be > 0, got {cfg.pairwise.rater.noise}")
 
 
 def _optimizer(params, stage: DictConfig):
@@ -88,11 +102,44 @@ def _generators(seed: int, stage: int) -> tuple[np.random.Generator, torch.Gener
 
 
 # ------------------------------------------------------------------------------------ clip
-def render_pool(world: ShapesWorld, n: int, rng: np.random.Generator, two_object_prob: float):
-    """`n` rendered train-split images and their captions."""
+def web_caption(scene: Scene, rng: np.random.Generator, web: DictConfig) -> str:
+    """A scene captioned as alt text on the web captions a picture, not as the grammar states it
+    (`clip.captions: web`): the objects in either order; a group's count left out
+    (`p_count_missing`: "blue circles", "a blue circle") or off by one (`p_count_wrong`, the noun
+    agreeing with the stated count); its colour left out (`p_color_missing`); the background left
+    out (`p_background_missing`). Web captions seldom count and often drop attributes, which is why
+    CLIP-like models count poorly and bind colours to objects loosely (Paiss et al. 2023,
+    Yuksekgonul et al. 2023); a proxy trained on exact captions is spared both."""
+    groups = list(scene.groups)
+    if len(groups) == 2 and rng.random() < 0.5:
+        groups.reverse()
+    phrases = []
+    for g in groups:
+        count, draw = g.count, rng.random()
+        if draw < float(web.p_count_missing):
+            count_word = None
+        else:
+            if draw < float(web.p_count_missing) + float(web.p_count_wrong):
+                count = count + 1 if count == 1 or (count < MAX_COUNT and rng.random() < 0.5) else count - 1
+            count_word = COUNT_WORDS[count - 1]
+        noun = g.shape if count == 1 else g.shape + "s"
+        words = [count_word or ("a" if count == 1 else None)]
+        if rng.random() >= float(web.p_color_missing):
+            words.append(g.color)
+        phrases.append(" ".join(w for w in [*words, noun] if w))
+    text = " and ".join(phrases)
+    if rng.random() >= float(web.p_background_missing):
+        text += f" on a {scene.background} background"
+    return text
+
+
+def render_pool(world: ShapesWorld, n: int, rng: np.random.Generator, two_object_prob: float,
+                web: DictConfig | None = None):
+    """`n` rendered train-split images and their captions: the grammar's prompts, or web-style
+    captions (`web_caption`) when `web` is given."""
     scenes = sample_scenes(n, int(rng.integers(2**31)), "train", two_object_prob)
     images, _ = render_scenes(scenes, world.resolution, rng)
-    return images, [s.text() for s in scenes]
+    return images, [s.text() if web is None else web_caption(s, rng, web) for s in scenes]
 
 
 def info_nce(img: torch.Tensor, txt: torch.Tensor, captions: list[str], logit_scale: torch.Tensor) -> torch.Tensor:
@@ -116,7 +163,8 @@ def train_clip(cfg: DictConfig, world: ShapesWorld | None = None, tokenizer=None
     bar = tqdm(range(int(c.steps)), desc="clip", dynamic_ncols=True)
     for step in bar:
         if step % int(c.pool_refresh) == 0:
-            pool, captions = render_pool(world, int(c.pool_size), rng, float(cfg.two_object_prob))
+            pool, captions = render_pool(world, int(c.pool_size), rng, float(cfg.two_object_prob),
+                                         c.web if c.get("captions", "exact") == "web" else None)
         idx = torch.randint(len(captions), (int(c.batch_size),), generator=gen)
         texts = [captions[i] for i in idx.tolist()]
         loss = info_nce(clip.image_embeds(pool[idx]), clip.text_embeds(texts), texts, clip.model.logit_scale)
@@ -208,13 +256,54 @@ def train_lee(cfg: DictConfig, clip: ShapesCLIP, images: torch.Tensor, prompts: 
 
 
 # ------------------------------------------------------------------------------------ pairwise
+def image_taste(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a rater may like in an image whatever the prompt, each [N] in [0, 1]: `size`, the share
+    of pixels away from the background (the border's median colour), and `saturation`, the mean
+    (max - min) over the channels of those pixels."""
+    flat = images.flatten(2)  # [N, 3, HW]
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], 2)
+    background = border.median(2).values[:, :, None]
+    foreground = ((flat - background).norm(dim=1) > 0.22).float()  # [N, HW]
+    chroma = flat.max(1).values - flat.min(1).values
+    size = foreground.mean(1)
+    return {"size": size, "saturation": (chroma * foreground).sum(1) / foreground.sum(1).clamp_min(1)}
+
+
+def simulated_preferences(images: torch.Tensor, prompts: list[str], scores: torch.Tensor, rater: DictConfig,
+                          rng: np.random.Generator) -> torch.Tensor:
+    """(winner, loser) pairs [P, 2] as a simulated human labels every pair of images of one prompt
+    (`pairwise.labels: simulated`): mostly by the prompt, the judge's score, but also by an image-only
+    taste for larger objects (`w_size`) and more saturated colours (`w_saturation`), with rater noise:
+    P(i over j) = sigmoid((u_i - u_j) / noise), u = score + w_size x size + w_saturation x saturation.
+    Real preference data carry such prompt-free tastes (ImageReward's and PickScore's raters favour
+    aesthetics, size, saturation), and a model trained on them rewards them."""
+    taste = image_taste(images)
+    utility = (scores.float() + float(rater.w_size) * taste["size"]
+               + float(rater.w_saturation) * taste["saturation"]).numpy()
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    pairs = []
+    for idx in groups.values():
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                i, j = idx[a], idx[b]
+                p_i = 0.5 * (1.0 + math.tanh((utility[i] - utility[j]) / (2 * float(rater.noise))))  # the sigmoid
+                pairs.append((i, j) if rng.random() < p_i else (j, i))
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+
+
 def train_pairwise(cfg: DictConfig, clip: ShapesCLIP, images: torch.Tensor, prompts: list[str],
                    scores: torch.Tensor) -> PairwiseReward:
-    """ImageReward-style model on judge-ranked pairs of images of the same prompt; returns it frozen."""
+    """ImageReward-style model on ranked pairs of images of the same prompt, ranked by the judge
+    (`pairwise.labels: judge`, ties skipped) or by a simulated rater (`simulated`); returns it frozen."""
     c = cfg.pairwise
-    _, gen = _generators(int(cfg.seed), 4)
+    rng, gen = _generators(int(cfg.seed), 4)
     model = PairwiseReward.build(clip, int(c.hidden), int(c.layers), seed=int(cfg.seed) + 4).unfreeze()
-    pairs = preference_pairs(prompts, scores)
+    if c.get("labels", "judge") == "simulated":
+        pairs = simulated_preferences(images, prompts, scores, c.rater, rng)
+    else:
+        pairs = preference_pairs(prompts, scores)
     if len(pairs) == 0:
         raise ValueError("no preference pairs: every prompt's images have equal judge scores")
     emb = _embed(clip, images)

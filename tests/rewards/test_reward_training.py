@@ -1,6 +1,7 @@
 """Tiny training runs of the three proxy models (seconds, not the shipped sizes)."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -132,3 +133,94 @@ def test_bad_config_fails_before_any_work(capsys):
     assert "clip.lr must be > 0" in capsys.readouterr().err
     assert main(["samples.per_prompt=1"]) == 2
     assert "samples.per_prompt must be >= 2" in capsys.readouterr().err
+
+
+def web(**p):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"p_count_missing": 0.0, "p_count_wrong": 0.0, "p_color_missing": 0.0,
+                             "p_background_missing": 0.0, **p})
+
+
+def test_web_captions_drop_and_misstate_what_the_options_say():
+    from t2i_rl.rewards.train import web_caption
+    from t2i_rl.world.grammar import parse_prompt
+
+    scene = parse_prompt("two blue circles and one red square on a white background")
+    rng = np.random.default_rng(0)
+    exact = {web_caption(scene, rng, web()) for _ in range(40)}
+    assert exact == {"two blue circles and one red square on a white background",
+                     "one red square and two blue circles on a white background"}  # either order
+    assert {web_caption(scene, rng, web(p_count_missing=1.0, p_background_missing=1.0)) for _ in range(40)} == {
+        "blue circles and a red square", "a red square and blue circles"}
+    assert {web_caption(scene, rng, web(p_color_missing=1.0)).split(" on ")[0] for _ in range(40)} == {
+        "two circles and one square", "one square and two circles"}
+    wrong = {web_caption(scene, rng, web(p_count_wrong=1.0)) for _ in range(80)}
+    assert wrong == {"one blue circle and two red squares on a white background",
+                     "three blue circles and two red squares on a white background",
+                     "two red squares and one blue circle on a white background",
+                     "two red squares and three blue circles on a white background"}
+
+
+def test_clip_trains_on_web_captions(tiny_cfg, world, tokenizer):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(tiny_cfg, {"clip": {"captions": "web", "web": web(p_count_missing=0.5)}})
+    validate(cfg)
+    rng = np.random.default_rng(0)
+    _, captions = render_pool(world, 64, rng, 0.3, cfg.clip.web)
+    assert any(c.split()[0] not in ("one", "two", "three", "four") for c in captions)
+    clip = train_clip(cfg, world, tokenizer)
+    assert clip.frozen and math.isfinite(clip.last_loss)
+
+
+def test_the_simulated_rater_follows_the_prompt_and_its_taste(world):
+    from omegaconf import OmegaConf
+
+    from t2i_rl.rewards.pairwise import preference_pairs
+    from t2i_rl.rewards.train import image_taste, simulated_preferences
+
+    small = world.render(["one red circle on a white background"], seed=0)
+    prompts = ["one red circle on a white background"] * 2
+    images = torch.cat([small, small])
+    images[1, :, 8:24, 8:24] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # a bigger red object
+    taste = image_taste(images)
+    assert taste["size"][1] > taste["size"][0] > 0 and 0.9 < float(taste["saturation"][1]) <= 1
+    rng = np.random.default_rng(0)
+    rater = OmegaConf.create({"w_size": 1.0, "w_saturation": 0.0, "noise": 1e-3})
+    equal = torch.zeros(2)
+    assert simulated_preferences(images, prompts, equal, rater, rng).tolist() == [[1, 0]]  # the taste decides a tie
+    assert simulated_preferences(images, prompts, torch.tensor([1.0, 0.0]), rater, rng).tolist() == [[0, 1]]
+    # with no taste and little noise it ranks as the judge does; with much noise, about at random
+    scores = torch.tensor([0.0, 1.0, 0.5, 0.25])
+    four = torch.cat([images, images])
+    none = OmegaConf.create({"w_size": 0.0, "w_saturation": 0.0, "noise": 1e-3})
+    assert sorted(simulated_preferences(four, prompts * 2, scores, none, rng).tolist()) == sorted(
+        preference_pairs(prompts * 2, scores).tolist())
+    noisy = OmegaConf.create({"w_size": 0.0, "w_saturation": 0.0, "noise": 100.0})
+    wins = [simulated_preferences(images, prompts, torch.tensor([1.0, 0.0]), noisy, rng)[0, 0].item() == 0
+            for _ in range(400)]
+    assert 0.4 < np.mean(wins) < 0.6
+
+
+@pytest.mark.parametrize("override, message", [
+    ("clip.captions=alt", "clip.captions must be 'exact' or 'web'"),
+    ("clip.web.p_count_wrong=0.9", r"clip.web probabilities must be in \[0, 1\]"),
+    ("pairwise.labels=crowd", "pairwise.labels must be 'judge' or 'simulated'"),
+    ("pairwise.rater.noise=0", "pairwise.rater.noise must be > 0"),
+])
+def test_bad_caption_and_rater_settings_are_refused(override, message):
+    overrides = [override] + (["clip.captions=web"] if "web." in override else [])
+    overrides += ["pairwise.labels=simulated"] if "rater." in override else []
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(DEFAULT_CONFIG, overrides))
+
+
+def test_pairwise_trains_on_simulated_labels(tiny_cfg, clip, labelled):
+    from omegaconf import OmegaConf
+
+    images, prompts, judged = labelled
+    cfg = OmegaConf.merge(tiny_cfg, {"pairwise": {"labels": "simulated"}})
+    validate(cfg)
+    model = train_pairwise(cfg, clip, images, prompts, judged.score)
+    assert isinstance(model, PairwiseReward) and np.mean(model.history[-10:]) < np.mean(model.history[:10])
