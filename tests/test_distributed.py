@@ -357,8 +357,9 @@ def test_checkpoints_resume_only_under_the_launch_that_saved_them():
 
 def test_eval_prompts_are_checked_per_process_share(monkeypatch):
     """96 held-out prompts in batches of 64: invalid in one process, valid in two (48 each)."""
+    overrides = ["eval.num_prompts=96", "eval.batch_size=64", "env.batch_size=16"]  # 16 samples per process
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["eval.num_prompts=96", "eval.batch_size=64"])
+        cfg = compose(config_name="config", overrides=overrides)
     with pytest.raises(ValueError, match=r"^eval.num_prompts = 96 is invalid: must be at most eval.batch_size"):
         validate(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")
