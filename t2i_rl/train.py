@@ -254,10 +254,11 @@ def validate(cfg: DictConfig):
                 raise ValueError("model.dtype = float16 with LoRA is invalid in a DeepSpeed launch: the engine "
                                  "steps unscaled float16 gradients; use model.dtype=bfloat16 or float32")
             distributed.deepspeed_config(local.train_batch_size, local.max_grad_norm)
-        if local.samples_per_epoch % cfg.env.batch_size:
+        share = local.samples_per_epoch
+        if not (share <= cfg.env.batch_size or share % cfg.env.batch_size == 0):
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid with {world} "
-                             f"processes: each process's share ({local.samples_per_epoch}) must be a multiple of "
-                             f"env.batch_size ({cfg.env.batch_size})")
+                             f"processes: each process's share ({share}) must be at most env.batch_size "
+                             f"({cfg.env.batch_size}) or a multiple of it")
         for key, count in eval_counts(cfg):
             share, batch = count // world, cfg.eval.batch_size
             if count % world or not (share <= batch or share % batch == 0):
@@ -308,9 +309,13 @@ class Trainer:
         gold = make_reward(cfg.env.gold, device) if cfg.env.gold else None
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
-        self.env = DenoiseVectorEnv(num_envs=cfg.env.batch_size, prompts=cfg.env.prompts, **env_kwargs)
+        local = agent_cfg.per_process(world)
+        # env.batch_size is a speed setting, not part of the recipe: a process whose share of the epoch is
+        # smaller denoises its whole share in lockstep (validated: otherwise a multiple of env.batch_size)
+        self.env = DenoiseVectorEnv(num_envs=min(cfg.env.batch_size, local.samples_per_epoch),
+                                    prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
-        self.agent = cls(agent_cfg.per_process(world), self.env, self.policy)
+        self.agent = cls(local, self.env, self.policy)
         self.agent.health.max_bad_steps = cfg.health.max_bad_steps
         if distributed.deepspeed_launch() and world > 1:
             self.agent.use_deepspeed(distributed.deepspeed_config(self.agent.cfg.train_batch_size,

@@ -69,7 +69,8 @@ def train(job: dict) -> dict:
     local = getattr(agent.optimizer, "optim", None) or getattr(agent.optimizer, "optimizer", agent.optimizer)
     out = {"initial": initial, "weights": weights(), "metrics": metrics, "optimizer_states": len(local.state),
            "optimizer_numel": sum(s["exp_avg"].numel() for s in local.state.values()),
-           "zero_stage": agent.engine.zero_optimization_stage() if agent.engine is not None else 0}
+           "zero_stage": agent.engine.zero_optimization_stage() if agent.engine is not None else 0,
+           "num_envs": trainer.env.num_envs}
     tracker = copy.deepcopy(getattr(agent, "tracker", None))
     rollout = agent.collect()
     out["prompts"], out["x_T"] = rollout.prompts, rollout.latents[:, 0]

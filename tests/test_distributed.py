@@ -79,6 +79,9 @@ def default_run(tiny_assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     jobs = [{"kind": "helpers", "out": "helpers"}]
     jobs += [train_job(tiny_assets, tmp / agent, agent, agent) for agent in DEFAULT_AGENTS]
+    # ReFL with env.batch_size=4 over a share of 2 samples per process: each process denoises its 2
+    refl = next(job for job in jobs if job.get("out") == "refl")["overrides"]
+    refl[refl.index("env.batch_size=2")] = "env.batch_size=4"
     for prefix, extra in (("", ()), ("sharded_", ("shard_optimizer=true",))):
         jobs += [train_job(tiny_assets, tmp / f"{prefix}straight", "ddpo", f"{prefix}straight", 2, *extra),
                  train_job(tiny_assets, tmp / f"{prefix}resumed", "ddpo", f"{prefix}first", 1, *extra),
@@ -127,6 +130,12 @@ def test_helpers_gather_and_average_over_the_ranks(default_run):
 def test_two_processes_train_identical_weights_and_only_rank_0_writes(default_run, agent):
     tmp, results = default_run
     check_agent_run(tmp / agent, results[agent])
+
+
+def test_a_process_whose_share_is_below_env_batch_size_denoises_its_share(default_run):
+    _, results = default_run
+    assert [out["num_envs"] for out in results["refl"]] == [2, 2]  # 4 samples, env.batch_size=4, 2 processes
+    assert [out["num_envs"] for out in results["ddpo"]] == [2, 2]
 
 
 def test_ddpo_advantages_are_one_process_advantages_on_the_whole_batch(default_run):
@@ -247,8 +256,8 @@ def test_per_process_config_splits_the_sample_counts():
     (["eval.num_prompts=6", "eval.batch_size=6"], "eval.num_prompts = 6 is invalid with 4 processes"),
     (["eval.num_prompts=24", "eval.batch_size=4"], r"share per process \(here 6\)"),
     (["agent.samples_per_epoch=30", "agent.group_size=2"], "agent.samples_per_epoch = 30 is invalid with 4 processes"),
-    (["agent.samples_per_epoch=32", "env.batch_size=16"], r"each process's share \(8\) must be a multiple of "
-                                                          r"env.batch_size \(16\)"),
+    (["agent.samples_per_epoch=48", "agent.group_size=4", "env.batch_size=8"],
+     r"each process's share \(12\) must be at most env.batch_size \(8\) or a multiple of it"),
     (["agent=sb3"], r"^agent=sb3 runs in one process; got 4 processes \(Stable-Baselines3's PPO has no "
                     r"data-parallel training\)$"),
 ])
@@ -260,6 +269,16 @@ def test_validate_checks_the_shares_of_each_process(monkeypatch, overrides, mess
         validate(cfg)
     monkeypatch.setenv("WORLD_SIZE", "1")
     validate(cfg)  # valid in one process
+
+
+@pytest.mark.parametrize("world", ["2", "4"])
+def test_the_default_config_is_valid_in_a_launch(monkeypatch, world):
+    """The README's `accelerate launch --num_processes 4 -m t2i_rl.train agent=ddpo env=textnorm`: 32
+    samples, 8 or 16 per process, fewer than env.batch_size (32), which each process denoises at once."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["agent=ddpo", "env=textnorm"])
+    validate(cfg)
 
 
 def test_fsdp_launches_are_refused(monkeypatch):
@@ -357,9 +376,8 @@ def test_checkpoints_resume_only_under_the_launch_that_saved_them():
 
 def test_eval_prompts_are_checked_per_process_share(monkeypatch):
     """96 held-out prompts in batches of 64: invalid in one process, valid in two (48 each)."""
-    overrides = ["eval.num_prompts=96", "eval.batch_size=64", "env.batch_size=16"]  # 16 samples per process
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=["eval.num_prompts=96", "eval.batch_size=64"])
     with pytest.raises(ValueError, match=r"^eval.num_prompts = 96 is invalid: must be at most eval.batch_size"):
         validate(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")
