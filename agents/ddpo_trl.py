@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from t2i_rl import distributed
+from t2i_rl.policy import prompt_ids
 
 from .base import Agent, Rollout
 from .ddpo import DDPOConfig
@@ -378,12 +379,10 @@ class TRLDDPOAgent(Agent):
         """A Rollout as TRL's (samples, prompt_image_data, (rewards, reward_metadata)) of one batch."""
         trainer, b = self.trainer, len(rollout)
         device = trainer.accelerator.device
-        tok = self.env.pipe.tokenizer
-        prompt_ids = tok(rollout.prompts, return_tensors="pt", padding="max_length", truncation=True,
-                         max_length=tok.model_max_length).input_ids.to(device)
+        ids = prompt_ids(self.env.pipe, rollout.prompts).to(device)
         timesteps = self.trl_pipeline.scheduler.timesteps.to(device).repeat(b, 1)
         samples = {
-            "prompt_ids": prompt_ids,
+            "prompt_ids": ids,
             "prompt_embeds": rollout.embeds.to(device),
             "timesteps": timesteps,
             "latents": rollout.latents[:, :-1].to(device),

@@ -23,8 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
 from .base import Agent, AgentConfig, Rollout, minibatches
-from .refl import (_invalid, decode_differentiable, initial_latents, kl_penalty_from_mean,
-                   require_differentiable_reward)
+from .refl import _invalid, kl_penalty_from_mean, require_differentiable_reward
 
 
 @dataclass
@@ -82,7 +81,7 @@ class DRaFTAgent(Agent):
         n_steps = self.policy.num_steps
         if not 1 <= k <= n_steps:
             raise ValueError(f"k must be in [1, {n_steps}], got {k}")
-        x = initial_latents(self.env, self.policy, len(prompts), self.generator)
+        x = self.policy.initial_latents(len(prompts), self.env.latent_shape, self.generator)
         with torch.no_grad():
             for i in range(n_steps - k):
                 x, _ = self.policy.sample_step(x, i, embeds, generator=self.generator)
@@ -96,7 +95,7 @@ class DRaFTAgent(Agent):
             else:
                 x, kl = self._step(x, z, embeds, i)
             penalty = penalty + kl / k
-        images = decode_differentiable(self.policy.pipe, x)
+        images = self.policy.decode(x)
         rewards = self.env.reward_fn(images, list(prompts)).scores.float()
         loss = -self.cfg.reward_scale * rewards.mean()
         return loss, rewards, penalty

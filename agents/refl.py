@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from t2i_rl.policy import gaussian_kl
+
 from .base import Agent, AgentConfig, Rollout, minibatches
 
 REFL_LOSSES = ("hinge", "linear")
@@ -78,19 +80,6 @@ def require_differentiable_reward(reward, agent: str) -> None:
             "agent (ddpo, dpok, rwr)")
 
 
-def decode_differentiable(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images [B, 3, H, W] in [0, 1] with gradients (the env's `decode` is no-grad)."""
-    vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-def initial_latents(env, policy, n: int, generator: torch.Generator) -> torch.Tensor:
-    """x_T ~ N(0, I) [n, C, h, w] in float32 from `generator` (drawn on its device, then moved)."""
-    noise = randn_tensor((n, *env.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
-    return noise * policy.scheduler.init_noise_sigma
-
-
 def kl_penalty_from_mean(agent: Agent, mean: torch.Tensor, std: torch.Tensor, latents: torch.Tensor,
                          step_index: int, embeds: torch.Tensor) -> torch.Tensor:
     """`agent.kl_penalty(latents, step_index, embeds)` reusing the policy mean already computed with
@@ -98,7 +87,7 @@ def kl_penalty_from_mean(agent: Agent, mean: torch.Tensor, std: torch.Tensor, la
     if agent.cfg.kl_coef == 0:
         return mean.new_zeros(())
     ref_mean, _ = agent.policy.step_stats(latents, step_index, embeds, reference=True)
-    return agent.cfg.kl_coef * ((mean - ref_mean) ** 2 / (2 * std**2)).mean()
+    return agent.cfg.kl_coef * gaussian_kl(mean, ref_mean, std).mean()
 
 
 def refl_loss(rewards: torch.Tensor, kind: str = "hinge", margin: float = 2.0, scale: float = 1.0) -> torch.Tensor:
@@ -142,7 +131,7 @@ class ReFLAgent(Agent):
         if step_index is None:
             lo, hi = self.window
             step_index = int(torch.randint(lo, hi + 1, (), generator=self.generator))
-        x = initial_latents(self.env, self.policy, len(prompts), self.generator)
+        x = self.policy.initial_latents(len(prompts), self.env.latent_shape, self.generator)
         with torch.no_grad():
             for i in range(step_index):
                 x, _ = self.policy.sample_step(x, i, embeds, generator=self.generator)
@@ -150,7 +139,7 @@ class ReFLAgent(Agent):
         model_output = self.policy.noise_pred(x, step_index, embeds)
         mean, std, pred_x0 = self.policy.ddim_moments(x, model_output, step_index)
         penalty = kl_penalty_from_mean(self, mean, std, x, step_index, embeds)
-        images = decode_differentiable(self.policy.pipe, pred_x0)
+        images = self.policy.decode(pred_x0)
         rewards = self.env.reward_fn(images, list(prompts)).scores.float()
         loss = refl_loss(rewards, self.cfg.loss, self.cfg.hinge_margin, self.cfg.reward_scale)
         return loss, rewards, penalty, step_index
@@ -173,12 +162,7 @@ class ReFLAgent(Agent):
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),), generator=self.generator)
         t = t.to(device)
         noisy = scheduler.add_noise(latents, noise, t)
-        if self.policy.prediction_type == "epsilon":
-            target = noise
-        elif self.policy.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, t)
-        else:
-            target = latents
+        target = self.policy.training_target(latents, noise, t)
         pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(device, unet.dtype),
                     return_dict=False)[0]
         return F.mse_loss(pred.float(), target)
@@ -206,5 +190,5 @@ class ReFLAgent(Agent):
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 
-__all__ = ["ReFLAgent", "ReFLConfig", "decode_differentiable", "initial_latents", "kl_penalty_from_mean",
+__all__ = ["ReFLAgent", "ReFLConfig", "kl_penalty_from_mean",
            "refl_loss", "require_differentiable_reward"]

@@ -178,14 +178,7 @@ class RWRAgent(Agent):
         noisy = scheduler.add_noise(x0, noise, t)
         pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(x0.device, unet.dtype),
                     return_dict=False)[0].float()
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, noise, t)
-        else:  # "sample"
-            target = x0
-        return pred, target
+        return pred, self.policy.training_target(x0, noise, t)
 
     @torch.no_grad()
     def pretrain_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

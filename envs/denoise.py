@@ -18,6 +18,8 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
+from t2i_rl.policy import DiffusionPolicy, decode_latents, encode_prompts
+
 PromptSource = Callable[[int, np.random.Generator], list[str]]
 
 
@@ -205,10 +207,12 @@ class DenoiseVectorEnv(VectorEnv):
         self._generator = torch.Generator(device="cpu")
 
     # -- the policy that matches this MDP ---------------------------------------------------
-    def policy(self, **kwargs):
-        """A `DiffusionPolicy` on this env's pipeline with its steps, guidance and eta."""
-        from t2i_rl.policy import DiffusionPolicy
+    def policy(self, **kwargs) -> DiffusionPolicy:
+        """A `DiffusionPolicy` on this env's pipeline with its steps, guidance and eta.
 
+        Why the env builds it: those four settings define the MDP's transition, and a policy whose
+        log-probs are taken under other ones would be silently wrong. This is a factory only: the env
+        never holds or calls the policy it returns (`step` takes any action)."""
         return DiffusionPolicy(self.pipe, num_steps=self.num_steps,
                                guidance_scale=self.guidance_scale, eta=self.eta, **kwargs)
 
@@ -234,7 +238,7 @@ class DenoiseVectorEnv(VectorEnv):
         noise = noise.repeat_interleave(group, 0)
         self.latents = noise.to(self.device) * self.pipe.scheduler.init_noise_sigma
         # 2. encode the prompts once per episode
-        self.prompt_embeds = self._encode(self.prompts)
+        self.prompt_embeds = encode_prompts(self.pipe, self.prompts).float()
         self.step_index = 0
         self.images = None
         return self._observation(), {"prompt": list(self.prompts)}
@@ -278,18 +282,9 @@ class DenoiseVectorEnv(VectorEnv):
 
     # -- helpers ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0].float()
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images [B, 3, H, W] in [0, 1], as the pipeline decodes them."""
-        vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images / 2 + 0.5).clamp(0, 1).float()
+        return decode_latents(self.pipe, latents)
 
     def _observation(self) -> dict[str, torch.Tensor]:
         step = torch.full((self.num_envs,), self.step_index, dtype=torch.long, device=self.device)

@@ -34,6 +34,44 @@ def _check_reduce(reduce: str) -> None:
         raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
 
 
+# ---------------------------------------------------------------------------- the sampler's I/O
+# The one home of prompt encoding, initial latents and decoding: the env, the policy and the agents
+# that sample by themselves (ReFL, DRaFT, TRL's pipeline) all call these.
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder hidden states [B, L, D] as SD's pipelines form them (padded to max length), in
+    the text encoder's dtype."""
+    ids = prompt_ids(pipe, prompts)
+    mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        mask = (ids != pipe.tokenizer.pad_token_id).long()
+    return pipe.text_encoder(ids, attention_mask=mask)[0]
+
+
+def prompt_ids(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids [B, L] padded to the tokenizer's max length, on the text encoder's device."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    tok = pipe.tokenizer
+    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images [B, 3, H, W] in [0, 1], float32, as the pipeline decodes them; with gradients
+    unless called under `torch.no_grad()` (ReFL and DRaFT backpropagate through it)."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) per element, reduced over non-batch dims -> [B]:
+    (mean - ref_mean)^2 / (2 std^2), the closed form of two Gaussians of one variance."""
+    _check_reduce(reduce)
+    return _reduce((mean - ref_mean) ** 2 / (2 * std**2), reduce)
+
+
 class DiffusionPolicy:
     """A stochastic DDIM sampler seen as a Gaussian policy, with log-probs and KL to a reference.
 
@@ -201,19 +239,27 @@ class DiffusionPolicy:
         return any(p.dtype == torch.float16 for p in self.unet.parameters())
 
     # ---------------------------------------------------------------- text
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder hidden states [B, L, D] as SD's pipelines form them (padded to max length)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        tok = self.pipe.tokenizer
-        ids = tok(
-            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.pipe.text_encoder.device)
-        mask = None
-        if getattr(self.pipe.text_encoder.config, "use_attention_mask", False):
-            mask = (ids != tok.pad_token_id).long()
-        return self.pipe.text_encoder(ids, attention_mask=mask)[0]
+        return encode_prompts(self.pipe, prompts)
+
+    def initial_latents(self, n: int, latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """x_T ~ N(0, sigma_init^2 I) [n, *latent_shape] in float32, drawn from `generator` on its device."""
+        noise = randn_tensor((n, *latent_shape), generator=generator, device=self.device, dtype=torch.float32)
+        return noise * self.scheduler.init_noise_sigma
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images [B, 3, H, W] in [0, 1], with gradients (`decode_latents`)."""
+        return decode_latents(self.pipe, latents)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoising loss's regression target for x_t = add_noise(x0, noise, t), by the model's
+        prediction type: the noise, the velocity, or x0 itself."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        return x0  # "sample"
 
     @property
     def uncond_embeds(self) -> torch.Tensor:
@@ -372,7 +418,7 @@ class DiffusionPolicy:
         _check_reduce(reduce)
         mean, std = self.step_stats(latents, step_index, embeds)
         ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
-        return _reduce((mean - ref_mean) ** 2 / (2 * std**2), reduce)
+        return gaussian_kl(mean, ref_mean, std, reduce)
 
     def log_prob_and_kl(
         self,
@@ -386,8 +432,7 @@ class DiffusionPolicy:
         _check_reduce(reduce)
         mean, std = self.step_stats(latents, step_index, embeds)
         ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
-        logp = self.gaussian_log_prob(next_latents, mean, std, reduce)
-        return logp, _reduce((mean - ref_mean) ** 2 / (2 * std**2), reduce)
+        return self.gaussian_log_prob(next_latents, mean, std, reduce), gaussian_kl(mean, ref_mean, std, reduce)
 
     # ---------------------------------------------------------------- parameters
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from t2i_rl.models import build_pipeline, build_tokenizer
-from t2i_rl.policy import DiffusionPolicy
+from t2i_rl.policy import DiffusionPolicy, gaussian_kl
 
 T, ETA, CFG = 4, 1.0, 3.0
 PROMPTS = ["two red circles on a white background", "one blue square on a black background"]
@@ -110,6 +110,39 @@ def test_other_prediction_types_match_the_scheduler(make_pipe, latents, predicti
             mean, _ = pol.step_stats(latents, i, emb)
         want = sched.step(out, pol.timesteps[i], latents, eta=0.7, variance_noise=torch.zeros_like(latents))
         torch.testing.assert_close(mean, want.prev_sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_training_target_is_what_the_model_predicts(make_pipe, latents, prediction_type):
+    """x_t = sqrt(a) x0 + sqrt(1-a) eps; the target is eps, v = sqrt(a) eps - sqrt(1-a) x0, or x0."""
+    pol = DiffusionPolicy(make_pipe(prediction_type=prediction_type), num_steps=T, guidance_scale=CFG, eta=ETA)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([10, 700])
+    a = pol.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    want = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * latents, "sample": latents}
+    torch.testing.assert_close(pol.training_target(latents, noise, t), want[prediction_type])
+
+
+def test_gaussian_kl_is_the_closed_form_of_two_gaussians_of_one_variance():
+    mean, ref = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    std = torch.tensor(0.5)
+    torch.testing.assert_close(gaussian_kl(mean, ref, std, "sum"), torch.tensor([(1 + 4) / 0.5, 9 / 0.5]))
+    torch.testing.assert_close(gaussian_kl(mean, ref, std), torch.tensor([5 / 0.5 / 2, 9 / 0.5 / 2]))
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        gaussian_kl(mean, ref, std, "max")
+
+
+def test_initial_latents_and_decode(policy):
+    """x_T from the generator, scaled by the scheduler's init sigma; decoding keeps gradients for the
+    agents that backpropagate the reward, in [0, 1]."""
+    x = policy.initial_latents(2, (4, 16, 16), torch.Generator().manual_seed(3))
+    again = policy.initial_latents(2, (4, 16, 16), torch.Generator().manual_seed(3))
+    assert x.shape == (2, 4, 16, 16) and x.dtype == torch.float32 and torch.equal(x, again)
+    x.requires_grad_(True)
+    images = policy.decode(x)
+    assert images.shape[:2] == (2, 3) and images.min() >= 0 and images.max() <= 1
+    images.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
