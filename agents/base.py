@@ -405,19 +405,21 @@ def minibatches(n: int, size: int, generator: torch.Generator, unit: int = 1) ->
     return [order[i:i + size] for i in range(0, n, size)]
 
 
-def per_prompt_normalize(prompts: list[str], rewards: torch.Tensor, eps: float = 1e-6,
-                         min_count: int = 2) -> torch.Tensor:
-    """(r - mean) / std over the samples of the same prompt (DDPO's per-prompt stat tracking and
-    GRPO's group-relative advantage); prompts with fewer than `min_count` samples use the batch."""
+def per_prompt_normalize(prompts: list[str], rewards: torch.Tensor, eps: float = 1e-6, min_count: int = 2,
+                         history: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(r - mean) / std per prompt (GRPO's group-relative advantage; DDPO's per-prompt statistics),
+    the statistics taken over `history[prompt]` (default: the prompt's samples in this batch); a
+    prompt with fewer than `min_count` of those uses the whole batch's."""
     adv = torch.empty_like(rewards)
     batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
-    for idx in groups.values():
+    for prompt, idx in groups.items():
         r = rewards[idx]
-        if len(idx) >= min_count:
-            mean, std = r.mean(), r.std(unbiased=False)
+        stats_of = r if history is None else history[prompt]
+        if len(stats_of) >= min_count:
+            mean, std = stats_of.mean(), stats_of.std(unbiased=False)
         else:
             mean, std = batch_mean, batch_std
         adv[idx] = (r - mean) / (std + eps)

@@ -96,19 +96,11 @@ class PerPromptStatTracker:
         self.buffers: dict[str, deque] = {}
 
     def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-        adv = torch.empty_like(rewards)
-        batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
-        for p in dict.fromkeys(prompts):
-            idx = [i for i, q in enumerate(prompts) if q == p]
-            buf = self.buffers.setdefault(p, deque(maxlen=self.buffer_size))
-            buf.extend(rewards[idx].tolist())
-            if len(buf) < self.min_count:
-                mean, std = batch_mean, batch_std
-            else:
-                hist = torch.tensor(list(buf))
-                mean, std = hist.mean(), hist.std(unbiased=False)
-            adv[idx] = (rewards[idx] - mean) / (std + 1e-6)
-        return adv
+        """Add the batch's rewards to their prompts' buffers, then standardize by the buffers."""
+        for p, r in zip(prompts, rewards.tolist()):
+            self.buffers.setdefault(p, deque(maxlen=self.buffer_size)).append(r)
+        history = {p: torch.tensor(list(self.buffers[p])) for p in dict.fromkeys(prompts)}
+        return per_prompt_normalize(prompts, rewards, min_count=self.min_count, history=history)
 
     def state_dict(self) -> dict:
         return {p: list(b) for p, b in self.buffers.items()}

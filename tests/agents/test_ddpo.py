@@ -38,6 +38,11 @@ def test_stat_tracker_uses_the_batch_until_min_count():
     adv = tracker.update(["a"], torch.tensor([3.0]))  # buffer a: [0, 1, 2, 3]
     hist = torch.tensor([0.0, 1.0, 2.0, 3.0])
     assert adv.item() == pytest.approx(((3 - hist.mean()) / hist.std(unbiased=False)).item(), abs=1e-4)
+    adv = tracker.update(["a", "b"], torch.tensor([4.0, 5.0]))  # a keeps its last 4: [1, 2, 3, 4]; b has 2 < 3
+    hist = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert adv[0].item() == pytest.approx(((4 - hist.mean()) / hist.std(unbiased=False)).item(), abs=1e-4)
+    assert adv[1].item() == pytest.approx(1.0, abs=1e-4)  # the batch's statistics: (5 - 4.5) / 0.5
+    assert tracker.state_dict() == {"a": [1.0, 2.0, 3.0, 4.0], "b": [2.0, 5.0]}
 
 
 @pytest.mark.parametrize("field, value", [("clip_range", 0.0), ("lr", -1.0), ("group_size", 1),
