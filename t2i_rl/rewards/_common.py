@@ -1,8 +1,9 @@
-"""Small helpers shared by the reward modules (argument checks, ragged prompt sets)."""
+"""Small helpers shared by the reward modules (argument checks, ragged prompt sets, the text cache)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
 
 import torch
@@ -51,3 +52,38 @@ def prompt_index(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
     unique: dict[str, int] = {}
     idx = [unique.setdefault(p, len(unique)) for p in prompts]
     return list(unique), torch.tensor(idx, dtype=torch.long)
+
+
+class TextCache:
+    """Each distinct prompt's encoding, computed once without gradients and kept: TextNorm asks for
+    the same prompts (and their contrastive ones) at every step. Emptied when it would grow past
+    `size` entries; `size=0` keeps nothing. New prompts are encoded `chunk` at a time."""
+
+    def __init__(self, size: int, chunk: int = 256) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"cache_size must be an int >= 0, got {size!r}")
+        self.size, self.chunk = size, chunk
+        self._items: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __call__(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor],
+                 device: torch.device) -> torch.Tensor:
+        """encode(prompts) [N, ...] on `device`, each distinct prompt encoded once."""
+        unique, idx = prompt_index(list(prompts))
+        if self.size == 0:
+            with torch.no_grad():
+                return encode(unique)[idx.to(device)]
+        missing = [p for p in unique if p not in self._items]
+        if missing:
+            if len(self._items) + len(missing) > self.size:
+                self._items.clear()
+            with torch.no_grad():
+                for start in range(0, len(missing), self.chunk):
+                    chunk = missing[start:start + self.chunk]
+                    self._items.update(zip(chunk, encode(chunk)))
+        return torch.stack([self._items[p] for p in unique])[idx.to(device)]

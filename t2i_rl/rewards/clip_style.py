@@ -22,7 +22,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig
 
 from ..models import build_tokenizer, text_encoder_config
 from ..world.judge import check_images
-from ._common import check_prompt_sets, prompt_index
+from ._common import TextCache, check_prompt_sets, prompt_index
 from .base import RawReward
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -84,12 +84,9 @@ class ShapesCLIP(RawReward):
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, cache_size: int = 65536) -> None:
         if not isinstance(model, CLIPModel):
             raise ValueError(f"model must be a transformers CLIPModel, got {type(model).__name__}")
-        if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.model = model
         self.tokenizer = tokenizer
-        self.cache_size = cache_size
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache = TextCache(cache_size, chunk=1024)
         self.freeze()
 
     # ---------------------------------------------------------------- construction and saving
@@ -180,20 +177,12 @@ class ShapesCLIP(RawReward):
         """L2-normalized text embeddings [N, D]; repeated prompts are encoded once."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a list of strings, got {prompts!r}")
-        unique, idx = prompt_index(list(prompts))
-        if not unique:
+        if not prompts:
             return torch.zeros(0, self.embed_dim, device=self.device)
-        if not self.frozen or self.cache_size == 0:
+        if not self.frozen:  # training: with gradients, nothing kept
+            unique, idx = prompt_index(list(prompts))
             return self._encode_text(unique)[idx.to(self.device)]
-        missing = [p for p in unique if p not in self._cache]
-        if missing:
-            if len(self._cache) + len(missing) > self.cache_size:
-                self._cache.clear()
-            with torch.no_grad():
-                for start in range(0, len(missing), 1024):
-                    chunk = missing[start:start + 1024]
-                    self._cache.update(zip(chunk, self._encode_text(chunk)))
-        return torch.stack([self._cache[p] for p in unique])[idx.to(self.device)]
+        return self._cache(prompts, self._encode_text, self.device)
 
     # ---------------------------------------------------------------- reward
     def score_prompts(self, images: torch.Tensor, prompt_sets: list[list[str]]) -> torch.Tensor:

@@ -83,3 +83,28 @@ def test_save_load_round_trip_is_exact(clip, batch, tmp_path):
     assert loaded.tokenizer(prompts).input_ids == clip.tokenizer(prompts).input_ids
     with pytest.raises(FileNotFoundError, match="no CLIP model"):
         ShapesCLIP.from_pretrained(tmp_path / "nothing")
+
+
+def test_text_cache_encodes_each_prompt_once_in_chunks_and_empties_when_full():
+    from t2i_rl.rewards._common import TextCache
+
+    calls: list[list[str]] = []
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        calls.append(list(prompts))
+        return torch.tensor([[float(len(p))] for p in prompts])
+
+    cache = TextCache(size=3, chunk=2)
+    out = cache(["a", "bb", "a", "ccc"], encode, torch.device("cpu"))
+    assert out.squeeze(1).tolist() == [1.0, 2.0, 1.0, 3.0]
+    assert calls == [["a", "bb"], ["ccc"]] and len(cache) == 3
+    cache(["bb"], encode, torch.device("cpu"))
+    assert len(calls) == 2  # kept: not encoded again
+    cache(["dddd"], encode, torch.device("cpu"))  # a 4th prompt would pass the size: emptied first
+    assert calls[-1] == ["dddd"] and len(cache) == 1
+    none = TextCache(size=0)
+    none(["a", "a"], encode, torch.device("cpu"))
+    assert calls[-1] == ["a"] and len(none) == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"^cache_size must be an int >= 0, got"):
+            TextCache(size=bad)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...world.judge import check_images
-from .._common import check_prompt_sets, prompt_index
+from .._common import TextCache, check_prompt_sets
 from ..base import RawReward
 from ..clip_style import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -149,13 +149,10 @@ class PretrainedReward(RawReward):
     def __init__(self, model: nn.Module, tokenizer, transform: ImageTransform, cache_size: int = 65536) -> None:
         if not isinstance(transform, ImageTransform):
             raise ValueError(f"transform must be an ImageTransform, got {type(transform).__name__}")
-        if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.transform = transform
-        self.cache_size = cache_size
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache = TextCache(cache_size)
 
     def to(self, device: str | torch.device) -> "PretrainedReward":
         self.model.to(device)
@@ -182,19 +179,7 @@ class PretrainedReward(RawReward):
 
     def cached(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
         """encode(prompts) [N, ...], each distinct prompt encoded once (without gradients) and kept."""
-        unique, idx = prompt_index(list(prompts))
-        if self.cache_size == 0:
-            with torch.no_grad():
-                return encode(unique)[idx.to(self.device)]
-        missing = [p for p in unique if p not in self._cache]
-        if missing:
-            if len(self._cache) + len(missing) > self.cache_size:
-                self._cache.clear()
-            with torch.no_grad():
-                for start in range(0, len(missing), 256):
-                    chunk = missing[start:start + 256]
-                    self._cache.update(zip(chunk, encode(chunk)))
-        return torch.stack([self._cache[p] for p in unique])[idx.to(self.device)]
+        return self._cache(prompts, encode, self.device)
 
     def score_prompts(self, images: torch.Tensor, prompt_sets: list[list[str]]) -> torch.Tensor:
         check_images(images)
