@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from t2i_rl.sweep import check_parallel, run_side_by_side
 
 AGENTS = ["ddpo", "ddpo@raw", "dpok", "ddpo_trl", "refl", "draft", "rwr", "sb3"]
 
@@ -127,35 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget must be > 0 minutes, got {args.budget}")
-    cores = os.cpu_count() or 1
-    if not 1 <= args.parallel <= cores:
-        p.error(f"--parallel must be in [1, {cores}] (the cores here), got {args.parallel}")
+    try:
+        check_parallel(args.parallel)
+    except ValueError as err:
+        p.error(str(err))
     if not args.summarize:
-        runs = [(spec, *split(spec, args.env)) for spec in args.agents]
-        for _, agent, env in runs:
-            if (args.out / f"{agent}-{env}").exists():
-                p.error(f"{args.out / f'{agent}-{env}'} exists: remove it or pick another --out "
-                        "(a finished run would only be resumed)")
-        args.out.mkdir(parents=True, exist_ok=True)
-        threads = cores // args.parallel if args.parallel > 1 else 0
-        for start in range(0, len(runs), args.parallel):
-            procs = []
-            for _, agent, env in runs[start:start + args.parallel]:
-                run = args.out / f"{agent}-{env}"
-                cmd = [sys.executable, "-m", "t2i_rl.train", f"agent={agent}", f"env={env}",
-                       f"budget_minutes={args.budget}", f"threads={threads}", "samples.every=0",
-                       f"output_dir={run}", *extra]
-                log = (args.out / f"{agent}-{env}.log").open("w")
-                procs.append((agent, env, run, time.perf_counter(),
-                              subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-            for agent, env, run, began, proc, log in procs:
-                code = proc.wait()
-                log.close()
-                print(f"{agent} on {env}: exit {code}, {time.perf_counter() - began:.0f} s (log: {run}.log)",
-                      flush=True)
-                if (run / "metrics.jsonl").is_file():
-                    subprocess.run([sys.executable, "-m", "t2i_rl.plot", str(run), "--out", f"{run}.png"],
-                                   stdout=subprocess.DEVNULL, check=False)
+        runs = [(args.out / f"{agent}-{env}", [f"agent={agent}", f"env={env}", f"budget_minutes={args.budget}", *extra])
+                for agent, env in (split(spec, args.env) for spec in args.agents)]
+        for run, _ in runs:
+            if run.exists():
+                p.error(f"{run} exists: remove it or pick another --out (a finished run would only be resumed)")
+        run_side_by_side(runs, args.parallel)
     print(table(args.out, args.agents, args.env))
     return 0
 

@@ -1,0 +1,186 @@
+"""The Goodhart curve: gold against KL to the base model, per reward, agent and seed.
+
+    python benchmarks/overoptimization.py [--agents ddpo draft] [--rewards raw textnorm ensemble
+        textnorm_ensemble] [--seeds 0 1 2] [--epochs 400] [--every 25] [--parallel 2]
+        [--out runs/overoptimization] [--doc docs/results/overoptimization.md] [--summarize]
+        [-- extra train overrides]
+
+Each cell (agent x reward x seed) is one run folder, `<out>/<agent>-<reward>-seed<seed>`, trained by
+`python -m t2i_rl.train agent=A env=R seed=S epochs=E eval.every=K resume=true`, `--parallel` at a
+time with an equal share of the cores (`t2i_rl.sweep`). The grid is resumable: a cell whose
+metrics.jsonl holds its final evaluation is skipped, an unfinished one resumes from its last
+checkpoint. Then it writes `--doc`, a markdown table per agent x reward over the seeds (mean and
+min-max): the peak of train gold (the judge's all-correct on the training prompts, fixed noise) and
+its epoch, train and held-out gold at the peak and at the end, the optimized proxy at the end, and
+the KL to base at the peak and at the end; and one PNG per agent beside it
+(`overoptimization_<agent>.png`): train and held-out gold against KL and against epochs, the proxy
+against epochs, one colour per reward, one line per seed. A proxy that climbs while gold peaks and
+falls is the overoptimization the package is for.
+
+KL at an evaluation: the median of `policy/kl_to_base` over the training epochs within 2 of it
+(the rollout of epoch e is sampled by the policy evaluated at e; single epochs spike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from t2i_rl.sweep import check_parallel, run_side_by_side
+
+AGENTS = ["ddpo", "draft"]
+REWARDS = ["raw", "textnorm", "ensemble", "textnorm_ensemble"]
+SEEDS = [0, 1, 2]
+
+
+def cell(out: Path, agent: str, reward: str, seed: int) -> Path:
+    return out / f"{agent}-{reward}-seed{seed}"
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished(run: Path, epochs: int) -> bool:
+    return any(row["epoch"] == epochs and "eval/train/gold_correct" in row for row in read_metrics(run))
+
+
+def kl_at(rows: list[dict], epoch: int) -> float:
+    near = [r["policy/kl_to_base"] for r in rows
+            if "policy/kl_to_base" in r and abs(r["epoch"] - epoch) <= 2 and r["policy/kl_to_base"] is not None]
+    return statistics.median(near) if near else 0.0
+
+
+def curve(run: Path) -> list[dict]:
+    """One point per evaluation: epoch, KL at it, train and held-out gold, train proxy."""
+    rows = read_metrics(run)
+    return [{"epoch": r["epoch"], "kl": kl_at(rows, r["epoch"]), "train_gold": r["eval/train/gold_correct"],
+             "heldout_gold": r.get("eval/heldout/gold_correct"), "proxy": r["eval/train/proxy"]}
+            for r in rows if r.get("eval/train/gold_correct") is not None]
+
+
+def cell_summary(points: list[dict]) -> dict[str, float]:
+    peak = max(points, key=lambda p: p["train_gold"])
+    end = points[-1]
+    return {"peak_gold": peak["train_gold"], "peak_epoch": peak["epoch"], "peak_heldout": peak["heldout_gold"],
+            "peak_kl": peak["kl"], "end_gold": end["train_gold"], "end_heldout": end["heldout_gold"],
+            "end_proxy": end["proxy"], "end_kl": end["kl"], "base_gold": points[0]["train_gold"],
+            "end_epoch": end["epoch"]}
+
+
+# (key, header, scale, digits): gold as a percentage, proxy and KL as they are
+COLUMNS = [("base_gold", "train gold at 0", 100, 1), ("peak_gold", "peak train gold", 100, 1),
+           ("peak_epoch", "peak epoch", 1, 0), ("peak_kl", "KL at peak", 1, 0),
+           ("peak_heldout", "held-out gold at peak", 100, 1), ("end_gold", "train gold at end", 100, 1),
+           ("end_heldout", "held-out gold at end", 100, 1), ("end_proxy", "proxy at end", 1, 3),
+           ("end_kl", "KL at end", 1, 0)]
+
+
+def spread(values: list[float], scale: float, digits: int) -> str:
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def table(out: Path, agents: list[str], rewards: list[str], seeds: list[int]) -> str:
+    lines = ["| agent | reward | seeds | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
+             "|---|---|---:|" + "---:|" * len(COLUMNS)]
+    for agent in agents:
+        for reward in rewards:
+            points = [curve(cell(out, agent, reward, s)) for s in seeds]
+            summaries = [cell_summary(p) for p in points if len(p) >= 2]
+            cells = " | ".join(spread([s[key] for s in summaries], scale, digits) for key, _, scale, digits in COLUMNS)
+            lines.append(f"| {agent} | {reward} | {len(summaries)} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot(out: Path, agent: str, rewards: list[str], seeds: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("kl", "train_gold", "train gold (all-correct) vs KL"),
+              ("kl", "heldout_gold", "held-out gold vs KL"),
+              ("epoch", "train_gold", "train gold vs epoch"),
+              ("epoch", "proxy", "optimized proxy (train prompts) vs epoch")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, reward in enumerate(rewards):
+        for j, seed in enumerate(seeds):
+            points = curve(cell(out, agent, reward, seed))
+            if not points:
+                continue
+            for ax, (x, y, _) in zip(axes, panels):
+                ax.plot([p[x] for p in points], [p[y] for p in points], color=colours[i % len(colours)],
+                        alpha=0.8, marker=".", label=reward if j == 0 else None)
+    for ax, (x, _, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("KL to base (nats)" if x == "kl" else "epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{agent}: proxy and gold per reward, one line per seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = " ".join(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--agents", nargs="+", default=AGENTS, help="agent names")
+    p.add_argument("--rewards", nargs="+", default=REWARDS, help="env names (the reward each optimizes)")
+    p.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="seeds of each agent x reward")
+    p.add_argument("--epochs", type=int, default=400, help="epochs of each run")
+    p.add_argument("--every", type=int, default=25, help="evaluate every this many epochs")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once, each with cores/N threads")
+    p.add_argument("--out", type=Path, default=Path("runs/overoptimization"), help="one run folder per cell")
+    p.add_argument("--doc", type=Path, default=Path("docs/results/overoptimization.md"), help="the table to write")
+    p.add_argument("--summarize", action="store_true", help="only write the table and plots of the runs in --out")
+    args = p.parse_args(argv)
+    for name in ("epochs", "every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    try:
+        check_parallel(args.parallel)
+    except ValueError as err:
+        p.error(str(err))
+    if not args.summarize:
+        todo = [(cell(args.out, agent, reward, seed),
+                 [f"agent={agent}", f"env={reward}", f"seed={seed}", f"epochs={args.epochs}",
+                  f"eval.every={args.every}", "resume=true", *extra])
+                for agent in args.agents for reward in args.rewards for seed in args.seeds
+                if not finished(cell(args.out, agent, reward, seed), args.epochs)]
+        print(f"{len(todo)} of {len(args.agents) * len(args.rewards) * len(args.seeds)} cells to run", flush=True)
+        run_side_by_side(todo, args.parallel)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    body = [f"# Overoptimization: gold against KL, per reward ({args.epochs} epochs, evaluations every "
+            f"{args.every})", "",
+            f"`python benchmarks/overoptimization.py {given}`; "
+            f"runs in `{args.out}`. Gold: the judge's all-correct on the fixed-noise evaluation images "
+            "(train: the training prompts; held-out: held-out prompts); mean over seeds (min–max).", "",
+            table(args.out, args.agents, args.rewards, args.seeds), ""]
+    for agent in args.agents:
+        png = args.doc.parent / f"overoptimization_{agent}.png"
+        plot(args.out, agent, args.rewards, args.seeds, png)
+        body += [f"![{agent}: gold and proxy against KL and epochs, per reward]({png.name})", ""]
+    args.doc.write_text("\n".join(body))
+    print(args.doc.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
