@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from t2i_rl.sweep import check_parallel, run_side_by_side
+from t2i_rl.sweep import parallel_arg, run_side_by_side, split_overrides
 
 AGENTS = ["ddpo", "ddpo@raw", "dpok", "ddpo_trl", "refl", "draft", "rwr", "sb3"]
 
@@ -113,23 +113,17 @@ def table(out: Path, specs: list[str], env: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=10.0, help="minutes of training per agent")
     p.add_argument("--agents", nargs="+", default=AGENTS, help="agent names; agent@env picks another env")
     p.add_argument("--env", default="textnorm", help="env of the agents without @env")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once, each with cores/N threads")
+    p.add_argument("--parallel", type=parallel_arg, default=1, help="runs at once, each with cores/N threads")
     p.add_argument("--out", type=Path, default=Path("runs/equal-budget"), help="one run folder per agent in here")
     p.add_argument("--summarize", action="store_true", help="only print the table of the runs in --out")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget must be > 0 minutes, got {args.budget}")
-    try:
-        check_parallel(args.parallel)
-    except ValueError as err:
-        p.error(str(err))
     if not args.summarize:
         runs = [(args.out / f"{agent}-{env}", [f"agent={agent}", f"env={env}", f"budget_minutes={args.budget}", *extra])
                 for agent, env in (split(spec, args.env) for spec in args.agents)]

@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from t2i_rl.sweep import check_parallel, run_side_by_side
+from t2i_rl.sweep import parallel_arg, run_side_by_side, split_overrides
 
 AGENTS = ["ddpo", "draft"]
 REWARDS = ["raw", "textnorm", "ensemble", "textnorm_ensemble"]
@@ -138,15 +138,14 @@ def plot(out: Path, agent: str, rewards: list[str], seeds: list[int], path: Path
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     given = " ".join(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--agents", nargs="+", default=AGENTS, help="agent names")
     p.add_argument("--rewards", nargs="+", default=REWARDS, help="env names (the reward each optimizes)")
     p.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="seeds of each agent x reward")
     p.add_argument("--epochs", type=int, default=400, help="epochs of each run")
     p.add_argument("--every", type=int, default=25, help="evaluate every this many epochs")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once, each with cores/N threads")
+    p.add_argument("--parallel", type=parallel_arg, default=1, help="runs at once, each with cores/N threads")
     p.add_argument("--out", type=Path, default=Path("runs/overoptimization"), help="one run folder per cell")
     p.add_argument("--doc", type=Path, default=Path("docs/results/overoptimization.md"), help="the table to write")
     p.add_argument("--summarize", action="store_true", help="only write the table and plots of the runs in --out")
@@ -154,10 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("epochs", "every"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    try:
-        check_parallel(args.parallel)
-    except ValueError as err:
-        p.error(str(err))
     if not args.summarize:
         todo = [(cell(args.out, agent, reward, seed),
                  [f"agent={agent}", f"env={reward}", f"seed={seed}", f"epochs={args.epochs}",

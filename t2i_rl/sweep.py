@@ -9,6 +9,7 @@ a log beside each run folder (`<run>.log`) and its curves drawn next to it (`<ru
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -23,6 +24,26 @@ def check_parallel(parallel: int) -> int:
     if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= cores:
         raise ValueError(f"--parallel must be in [1, {cores}] (the cores here), got {parallel!r}")
     return parallel
+
+
+def parallel_arg(text: str) -> int:
+    """argparse `type` of a benchmark's --parallel: one `error:` line for a bad value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    try:
+        return check_parallel(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A benchmark's own arguments, and the train overrides after `--` that every run gets."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
 
 
 def run_side_by_side(runs: Sequence[tuple[Path, Sequence[str]]], parallel: int = 1) -> dict[Path, int]:

@@ -3,6 +3,8 @@ cell, skips finished cells, resumes unfinished ones, and writes its table and pl
 
 import json
 
+import pytest
+
 from benchmarks.overoptimization import cell_summary, main, read_metrics
 
 
@@ -41,3 +43,12 @@ def test_cell_summary_finds_the_peak_and_the_end():
     assert (s["peak_gold"], s["peak_epoch"], s["peak_kl"], s["peak_heldout"]) == (0.7, 25, 30.0, 0.38)
     assert (s["end_gold"], s["end_proxy"], s["end_kl"], s["base_gold"]) == (0.6, 0.4, 90.0, 0.5)
     assert json.dumps(s)  # plain numbers, as the table prints them
+
+
+def test_bad_arguments_get_one_error_line_and_run_nothing(tmp_path, capsys):
+    for args, message in ([["--parallel", "0"], "--parallel must be in [1, "], [["--parallel", "x"], "not an int: 'x'"],
+                          [["--epochs", "0"], "--epochs must be >= 1, got 0"]):
+        with pytest.raises(SystemExit) as stop:
+            main([*args, "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "doc.md")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()
