@@ -223,9 +223,9 @@ def validate(cfg: DictConfig):
             if not (count <= cfg.eval.batch_size or count % cfg.eval.batch_size == 0):
                 raise ValueError(f"{key} = {count} is invalid: must be at most eval.batch_size "
                                  f"({cfg.eval.batch_size}) or a multiple of it")
-        if agent_cfg.samples_per_epoch % cfg.env.batch_size:
-            raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid: must be a "
-                             f"multiple of env.batch_size ({cfg.env.batch_size})")
+        if not (agent_cfg.samples_per_epoch <= cfg.env.batch_size or agent_cfg.samples_per_epoch % cfg.env.batch_size == 0):
+            raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid: must be at most "
+                             f"env.batch_size ({cfg.env.batch_size}) or a multiple of it")
     from t2i_rl.models import check_model_config  # diffusers, the slowest import: after the quick checks
 
     check_model_config(cfg.model)
@@ -310,8 +310,8 @@ class Trainer:
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         local = agent_cfg.per_process(world)
-        # env.batch_size is a speed setting, not part of the recipe: a process whose share of the epoch is
-        # smaller denoises its whole share in lockstep (validated: otherwise a multiple of env.batch_size)
+        # env.batch_size is a speed setting, not part of the recipe: a process whose epoch (or share of it)
+        # is smaller denoises all of it in lockstep (validated: otherwise a multiple of env.batch_size)
         self.env = DenoiseVectorEnv(num_envs=min(cfg.env.batch_size, local.samples_per_epoch),
                                     prompts=cfg.env.prompts, **env_kwargs)
         self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)

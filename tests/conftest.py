@@ -7,6 +7,14 @@ import pytest
 from t2i_rl.models import build_pipeline, save_pipeline_atomically
 
 
+@pytest.fixture(autouse=True)
+def _run_in_an_empty_folder(tmp_path, monkeypatch):
+    """Every test runs from an empty folder: the configs' default output_dir (runs/..., relative to
+    the working directory) must not find the runs a user made in the checkout (`make train`, then
+    `make test`), and nothing a test writes there by default lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """A tiny SD pipeline and tiny proxy reward models on disk: {"pipeline": dir, "clip": dir, ...}."""

@@ -30,7 +30,7 @@ CASES = [
     ("max_bad_steps", lambda t: ["health.max_bad_steps=0"], "health.max_bad_steps = 0 is invalid"),
     ("lr_inf", lambda t: ["agent.lr=inf"], "agent.lr = inf is invalid"),
     ("samples_per_epoch", lambda t: ["agent=rwr", "agent.samples_per_epoch=6", "env.batch_size=4"],
-     "agent.samples_per_epoch = 6 is invalid: must be a multiple of env.batch_size (4)"),
+     "agent.samples_per_epoch = 6 is invalid: must be at most env.batch_size (4) or a multiple of it"),
     ("missing_prompt_file", lambda t: ["env.prompts=file:/nonexistent/prompts.txt"],
      "prompt file /nonexistent/prompts.txt does not exist"),
     ("non_utf8_prompt_file", lambda t: [f"env.prompts=file:{write(t / 'latin.txt', LATIN)}"],

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from agents import AGENTS
 from t2i_rl.rewards.pretrained import PRETRAINED, save_tiny_reward
-from t2i_rl.train import CONFIG_DIR, Trainer, group_options, run
+from t2i_rl.train import CONFIG_DIR, Trainer, group_options, run, validate
 
 ENVS = group_options("env")
 # Every agent runs on the ShapesWorld envs and on one published-reward env: ImageReward (ReFL's
@@ -266,3 +266,15 @@ def test_plot_draws_reward_vs_human_from_metrics(tiny_assets, tmp_path):
     assert plot_main([str(tmp_path / "run"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_an_epoch_smaller_than_env_batch_size_is_denoised_at_once(tiny_assets, tmp_path):
+    """env.batch_size is an upper bound: 4 samples per epoch with env.batch_size=8 are one batch of 4."""
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run", "ddpo", "raw")
+    overrides[overrides.index("env.batch_size=2")] = "env.batch_size=8"
+    cfg = compose_cfg((overrides, reward))
+    validate(cfg)
+    trainer = Trainer(cfg)
+    assert trainer.env.num_envs == 4
+    rollout = trainer.agent.collect()
+    assert len(rollout) == 4
