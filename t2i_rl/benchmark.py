@@ -60,6 +60,21 @@ def _ensemble(mode: str) -> dict:
     return {"name": "ensemble", "members": list(RAW_REWARDS), "mode": mode}
 
 
+def with_assets(spec, folder: Path):
+    """`spec` with each learned proxy (clip, lee, pairwise) loaded from `folder/<name>` instead of the
+    shipped weights, however deep it sits (a TextNorm's base, an ensemble's members)."""
+    if isinstance(spec, str):
+        return {"name": spec, "path": str(folder / spec)} if spec in RAW_REWARDS else spec
+    if isinstance(spec, list):
+        return [with_assets(s, folder) for s in spec]
+    if not isinstance(spec, dict):
+        return spec
+    out = {k: with_assets(v, folder) if k in ("base", "members") else v for k, v in spec.items()}
+    if out.get("name") in RAW_REWARDS and "path" not in out:
+        out["path"] = str(folder / out["name"])
+    return out
+
+
 def default_reward_specs() -> dict[str, str | dict]:
     """The rewards benchmarked by default: {display name: spec for `make_reward`}."""
     specs: dict[str, str | dict] = {name: name for name in RAW_REWARDS}
@@ -347,6 +362,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _reward_specs(args) -> dict[str, str | dict]:
+    """--rewards as specs, their learned proxies from --assets where it is given."""
+    specs = _parse_reward_names(args.rewards)
+    if args.assets is None:
+        return specs
+    if not Path(args.assets).is_dir():
+        raise UsageError(f"--assets {args.assets} is not a folder")
+    return {name: with_assets(spec, Path(args.assets)) for name, spec in specs.items()}
+
+
 def _parse_reward_names(names: list[str] | None) -> dict[str, str | dict]:
     defaults = default_reward_specs()
     if not names:
@@ -431,7 +456,7 @@ def _tia2_models(args, data) -> tuple[dict, dict]:
         metrics[name] = per_prompt
 
     if args.rewards:
-        specs = _parse_reward_names(args.rewards)
+        specs = _reward_specs(args)
         # the folder's prompt sets are only read (and need to exist) when a TextNorm reward uses them
         contrastive = _contrastive_arg(args.contrastive, data) if any(map(_open_textnorm, specs.values())) else None
         specs = with_contrastive(specs, contrastive)
@@ -522,7 +547,7 @@ def cmd_rewards(args) -> int:
         if value:
             raise UsageError(f"{flag} needs --tia2 FOLDER")
     _check_args(args)
-    specs = with_contrastive(_parse_reward_names(args.rewards), _contrastive_arg(args.contrastive))
+    specs = with_contrastive(_reward_specs(args), _contrastive_arg(args.contrastive))
     prompts = benchmark_prompts(args.prompts)
     settings = {
         "benchmark": BENCHMARK, "prompt_seed": PROMPT_SEED, "two_object_prob": TWO_OBJECT_PROB,
@@ -592,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewards to score (default: all of " + ", ".join(default_reward_specs())
                         + "); also 'gold' or a JSON spec for make_reward")
     r.add_argument("--model", default="shapes", help="pipeline: 'shapes' (shipped) or a folder")
+    r.add_argument("--assets", default=None, metavar="FOLDER",
+                   help="load clip, lee and pairwise from FOLDER/<name> (the output_dir of `python -m "
+                        "t2i_rl.pretrain --stage rewards`) instead of the shipped t2i_rl/assets/rewards")
     r.add_argument("--batch-size", type=int, default=32, help="images per generation/scoring batch")
     r.add_argument("--device", default="cpu", help="torch device (default cpu)")
     r.add_argument("--tia2", default=None, metavar="FOLDER",

@@ -184,6 +184,21 @@ def test_default_reward_specs():
     assert len(specs) == 10
 
 
+def test_assets_load_every_learned_proxy_from_another_folder(tmp_path):
+    """--assets: the learned proxies however deep they sit come from the folder; gold and published
+    rewards are left as they are, and the specs build (tau keyed by model name still applies)."""
+    specs = {name: benchmark.with_assets(spec, tmp_path) for name, spec in default_reward_specs().items()}
+    assert specs["clip"] == {"name": "clip", "path": str(tmp_path / "clip")}
+    assert specs["textnorm(lee)"]["base"] == {"name": "lee", "path": str(tmp_path / "lee")}
+    members = specs["textnorm(ensemble(mean-std))"]["base"]["members"]
+    assert members == [{"name": n, "path": str(tmp_path / n)} for n in ("clip", "lee", "pairwise")]
+    assert specs["textnorm(ensemble(mean))"]["tau"] == benchmark.DEFAULT_TAU
+    assert benchmark.with_assets("gold", tmp_path) == "gold"
+    kept = {"name": "clip", "path": "/elsewhere/clip"}
+    assert benchmark.with_assets(kept, tmp_path) == kept
+    assert benchmark.with_assets({"name": "imagereward", "path": "/m"}, tmp_path) == {"name": "imagereward", "path": "/m"}
+
+
 def test_image_cache_round_trip_slices_and_rejects_other_settings(tmp_path):
     path = tmp_path / "c.pt"
     prompts = benchmark_prompts(3)
@@ -234,6 +249,7 @@ def test_generate_images_is_seeded_per_image_and_batch_independent():
     (["rewards", "--rewards", "clip", "nope"], "unknown reward 'nope'"),
     (["rewards", "--rewards", "{bad json"], "not valid JSON"),
     (["rewards", "--prompts", "ten"], "invalid int value"),
+    (["rewards", "--assets", "/nonexistent/rewards"], "--assets /nonexistent/rewards is not a folder"),
     (["nope"], "invalid choice"),
     ([], "required"),
 ])
