@@ -86,3 +86,16 @@ def test_missing_shipped_weights_say_how_to_train_them(tmp_path, monkeypatch):
 
 def test_shipped_asset_folder():
     assert registry.REWARD_ASSETS.parts[-3:] == ("t2i_rl", "assets", "rewards")
+
+
+def test_the_shipped_web_trained_proxies_load_and_score(batch):
+    """t2i_rl/assets/rewards-web: the proxies trained on web-style captions and a simulated rater's
+    pairs (`clip.captions=web pairwise.labels=simulated`), loaded by path as any trained folder."""
+    images, prompts = batch
+    web = registry.REWARD_ASSETS.parent / "rewards-web"
+    for name, cls in (("clip", ShapesCLIP), ("lee", LeeReward), ("pairwise", PairwiseReward)):
+        reward = make_reward({"name": name, "path": str(web / name)})
+        scores = reward(images, prompts).scores
+        assert isinstance(reward, cls) and scores.shape == (len(prompts),) and torch.isfinite(scores).all()
+    trained = OmegaConf.load(web / "rewards_config.yaml")
+    assert trained.clip.captions == "web" and trained.pairwise.labels == "simulated"
