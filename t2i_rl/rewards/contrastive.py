@@ -616,6 +616,7 @@ class JsonContrastive:
 # Specs
 
 CONTRASTIVE_NAMES: tuple[str, ...] = ("shapes", "rules", "lm", "json")
+DEFAULT_CONTRASTIVE = "shapes"  # a TextNorm reward's contrastive prompts when its spec names none
 _SPEC_KEYS = {
     "shapes": set(), "rules": {"k", "seed", "kinds"},
     "lm": {"path", "k", "fallback", "max_new_tokens", "min_overlap"},
@@ -632,7 +633,7 @@ def make_contrastive(spec=None, device: str = "cpu") -> Contrastive:
     or None (lm: no top-up; json: a prompt missing from the files is an error).
     """
     if spec is None:
-        spec = "shapes"
+        spec = DEFAULT_CONTRASTIVE
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping) or "name" not in spec:

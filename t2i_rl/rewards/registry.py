@@ -97,6 +97,6 @@ def make_reward(spec, device: str = "cpu") -> RewardFunction:
         positive_float(tau, "tau")  # fail before loading any model
     # "shapes" (ShapesWorld's grammar), "rules", {"name": "lm", ...} or {"name": "json", ...}:
     # built before the base model so that a bad spec fails before any model loads
-    contrastive = make_contrastive(spec.get("contrastive", "shapes"), device)
+    contrastive = make_contrastive(spec.get("contrastive"), device)  # None: DEFAULT_CONTRASTIVE
     return TextNorm(make_reward(spec["base"], device), contrastive=contrastive, tau=spec.get("tau"),
                     k=spec.get("k"), seed=spec.get("seed", 0))
