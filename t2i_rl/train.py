@@ -47,6 +47,12 @@ def eval_counts(cfg: DictConfig) -> list[tuple[str, int]]:
     return [("eval.train_images", cfg.eval.train_images), ("eval.num_prompts", cfg.eval.num_prompts)]
 
 
+def fills_batches(count: int, batch: int) -> bool:
+    """Whether `count` images fit one batch (of `count`) or fill batches of `batch` exactly: the rule
+    of every env and evaluation batch size, in one process or per process of a launch."""
+    return count <= batch or count % batch == 0
+
+
 def model_float16(model: DictConfig, agent_cfg) -> bool:
     """Whether the UNet will run in float16: LoRA over float16 weights (full fine-tuning trains a
     float32 UNet whatever model.dtype says)."""
@@ -220,10 +226,10 @@ def validate(cfg: DictConfig):
     world = distributed.launched_world_size()
     if world == 1:  # with several processes, each process's share must keep these (checked below)
         for key, count in eval_counts(cfg):
-            if not (count <= cfg.eval.batch_size or count % cfg.eval.batch_size == 0):
+            if not fills_batches(count, cfg.eval.batch_size):
                 raise ValueError(f"{key} = {count} is invalid: must be at most eval.batch_size "
                                  f"({cfg.eval.batch_size}) or a multiple of it")
-        if not (agent_cfg.samples_per_epoch <= cfg.env.batch_size or agent_cfg.samples_per_epoch % cfg.env.batch_size == 0):
+        if not fills_batches(agent_cfg.samples_per_epoch, cfg.env.batch_size):
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid: must be at most "
                              f"env.batch_size ({cfg.env.batch_size}) or a multiple of it")
     from t2i_rl.models import check_model_config  # diffusers, the slowest import: after the quick checks
@@ -255,13 +261,13 @@ def validate(cfg: DictConfig):
                                  "steps unscaled float16 gradients; use model.dtype=bfloat16 or float32")
             distributed.deepspeed_config(local.train_batch_size, local.max_grad_norm)
         share = local.samples_per_epoch
-        if not (share <= cfg.env.batch_size or share % cfg.env.batch_size == 0):
+        if not fills_batches(share, cfg.env.batch_size):
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid with {world} "
                              f"processes: each process's share ({share}) must be at most env.batch_size "
                              f"({cfg.env.batch_size}) or a multiple of it")
         for key, count in eval_counts(cfg):
             share, batch = count // world, cfg.eval.batch_size
-            if count % world or not (share <= batch or share % batch == 0):
+            if count % world or not fills_batches(share, batch):
                 raise ValueError(f"{key} = {count} is invalid with {world} processes: must be a multiple of "
                                  f"{world} whose share per process (here {share}) is at most eval.batch_size "
                                  f"({batch}) or a multiple of it")
