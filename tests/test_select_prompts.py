@@ -40,3 +40,19 @@ def test_select_keeps_in_range_prompts_with_the_highest_agreement_in_candidate_o
 def test_select_refuses_when_too_few_candidates_qualify():
     with pytest.raises(ValueError, match="only 1 candidates .* need 2"):
         select([_cand("a", 4, True), _cand("b", 0, True)], keep=2, min_sure=8)
+
+
+def test_proxy_ceiling_takes_the_proxy_top_share_by_hand():
+    from benchmarks.proxy_ceiling import ceiling, top_verdicts
+
+    # proxy order: 0.9 (right), 0.8 (unsure), 0.5 (wrong), 0.1 (right)
+    c = Candidate("p", correct=[True, False, True, True], unsure=[False, False, False, True],
+                  proxy=[0.1, 0.5, 0.9, 0.8])
+    assert top_verdicts(c, 1.0) == [True, False, True]  # the unsure image is left out
+    assert top_verdicts(c, 0.5) == [True]  # 0.9 right, 0.8 unsure
+    assert top_verdicts(c, 0.1) == [True]  # at least one image
+    d = Candidate("q", correct=[False, False], unsure=[False, False], proxy=[0.3, 0.2])
+    rate, (lo, hi), n = ceiling([c, d], 0.5)
+    assert (rate, n) == (0.5, 2) and lo <= rate <= hi
+    with pytest.raises(ValueError, match="no sure image"):
+        ceiling([Candidate("r", [True], [True], [0.0])], 1.0)

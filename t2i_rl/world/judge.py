@@ -27,19 +27,21 @@ How it reads an image (32x32; larger images are reduced to it):
    so touching and overlapping objects count as a person counts them.
 4. Shape, from rotation-invariant moments of the object's coverage: a triangle (any orientation) has
    third-order moments, a square (any rotation) a fourth harmonic, a circle neither; elongation over
-   4:3 is neither a circle nor a square. An object cut by the border is fitted with each shape instead.
+   4:3 is neither a circle nor a square. Where the moments hesitate (small hard-edged objects, whose
+   pixels make a square look rounder or longer than it is), and for an object cut by the border,
+   each shape is fitted instead, both sides blurred alike, and the better fit decides.
 5. Faint objects (contrast from 10% of the way to a palette colour) are objects of no palette colour.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage, optimize
+from scipy.special import erf
 
 from .grammar import ATTRIBUTES, BACKGROUND_COLORS, OBJECT_COLORS, Scene
 
@@ -66,7 +68,10 @@ TRIANGLE_MOMENT = (0.30, 0.50)  # third-order moment: unsure from, triangle from
 ROUND_ASPECT = (1.18, 1.33)  # elongation: unsure from, "not a circle or a square" from (4:3)
 SQUARE_MOMENT = (0.30, 0.42)  # fourth harmonic: circle below, square above (0.58 vs < 0.06)
 FIT_MAX_ERROR = 0.25  # relative squared error of a border object's best shape fit
-FIT_MARGIN = 1.4  # the best fit must beat the second shape by this factor to be sure
+FIT_MARGIN = 1.4
+FIT_BLUR = 0.6  # px: the Gaussian both sides of a fit are compared under
+FIT_ROTATIONS = 8  # rotations tried per period before a fit's search starts ...
+FIT_SEARCHES = 2  # ... from the best this many of them  # the best fit must beat the second shape by this factor to be sure
 
 
 @dataclass(frozen=True)
@@ -296,48 +301,57 @@ def _shape_by_moments(alpha: np.ndarray) -> tuple[str | None, bool]:
     return ("square" if fourth >= (low + high) / 2 else "circle"), unsure
 
 
-_SS = 4  # supersampling of the fitted templates
-
-
-@lru_cache(maxsize=8)
-def _subpixels(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    c = lambda n: (np.arange(n * _SS) + 0.5) / _SS  # noqa: E731
-    return np.meshgrid(c(w), c(h))
+# a pixel's box and the fit's blur, as one Gaussian edge: sqrt(1/12 + FIT_BLUR^2) px
+_EDGE_SIGMA = float(np.sqrt(1 / 12 + FIT_BLUR**2))
 
 
 def _template(shape: str, cx: float, cy: float, size: float, rot: float, h: int, w: int) -> np.ndarray:
-    """Coverage [h, w] of a shape of side (or diameter) `size` centred at (cx, cy), rotated by `rot`."""
-    x, y = _subpixels(h, w)
+    """Blurred coverage [h, w] of a shape of side (or diameter) `size` centred at (cx, cy), rotated
+    by `rot`, at the pixel centres. A Gaussian blur of a square is exactly the product of its two
+    sides' edge profiles; a triangle is approximated by the product of its three, a circle by an
+    edge across its radius."""
+    y, x = np.indices((h, w), dtype=float) + 0.5
     c, s = np.cos(rot), np.sin(rot)
     u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
     r = size / 2
+
+    def edge(d: np.ndarray) -> np.ndarray:  # share of a blurred half-plane at signed distance d inside
+        return 0.5 * (1 + erf(d / (np.sqrt(2) * _EDGE_SIGMA)))
+
     if shape == "circle":
-        inside = u * u + v * v <= r * r
-    elif shape == "square":
-        inside = (np.abs(u) <= r) & (np.abs(v) <= r)
-    else:  # isosceles triangle, base = height = size, centroid at (cx, cy), apex towards -v
-        inside = (v <= size / 3) & (np.abs(u) <= (v + 2 * size / 3) / 2)
-    return inside.reshape(h, _SS, w, _SS).mean(axis=(1, 3))
+        return edge(r - np.hypot(u, v) - _EDGE_SIGMA**2 / (2 * r))  # a curved edge blurs inwards
+    if shape == "square":
+        return (edge(r - u) - edge(-r - u)) * (edge(r - v) - edge(-r - v))
+    # isosceles triangle, base = height = size, centroid at (cx, cy), apex towards -v; the slanted
+    # sides' inward normals are (-+2, 1) / sqrt(5)
+    k = 1 / np.sqrt(5)
+    return edge(size / 3 - v) * edge(k * (2 * size / 3 + v - 2 * u)) * edge(k * (2 * size / 3 + v + 2 * u))
 
 
 def _shape_by_fit(alpha: np.ndarray) -> tuple[str | None, bool]:
-    """A border-cut object: fit each shape (centre may lie outside the frame) to what is visible."""
+    """Fit each shape (its centre may lie outside the frame, for a border-cut object) to what is
+    visible, both blurred a little so that hard and anti-aliased edges compare alike; the better
+    fit decides, unsure when the two best are close."""
     h, w = alpha.shape
     yy, xx = np.indices(alpha.shape, dtype=float)
     mass = alpha.sum()
     cy, cx = (alpha * yy).sum() / mass, (alpha * xx).sum() / mass
-    norm = float((alpha**2).sum())
+    soft = ndimage.gaussian_filter(alpha, FIT_BLUR, mode="nearest")
+    norm = float((soft**2).sum())
+
+    def error(shape: str, p: np.ndarray) -> float:
+        return float(((_template(shape, p[0], p[1], max(p[2], 2.0), p[3], h, w) - soft) ** 2).sum())
+
     errors = {}
-    for shape, rotations in (("circle", [0.0]), ("square", [0.2, 0.6]),
-                             ("triangle", [0.0, 2.1, 4.2])):
-        best = np.inf
-        for rot in rotations:
-            start = [cx, cy, max(np.sqrt(mass) * 1.1, 4.0), rot]
-            res = optimize.minimize(
-                lambda p: float(((_template(shape, p[0], p[1], max(p[2], 2.0), p[3], h, w) - alpha) ** 2).sum()),
-                start, method="Nelder-Mead", options={"xatol": 0.1, "fatol": 1e-3, "maxiter": 160})
-            best = min(best, res.fun / norm)
-        errors[shape] = best
+    # a square repeats every 90 degrees, a triangle every 120: the rotations on a grid over that
+    # period that fit best start the search, which from one fixed start ends in a local minimum
+    for shape, period in (("circle", 0.0), ("square", np.pi / 2), ("triangle", 2 * np.pi / 3)):
+        starts = [np.array([cx, cy, max(np.sqrt(mass) * 1.1, 4.0), rot])
+                  for rot in (np.arange(FIT_ROTATIONS) * period / FIT_ROTATIONS if period else [0.0])]
+        starts = sorted(starts, key=lambda p: error(shape, p))[:FIT_SEARCHES]
+        errors[shape] = min(optimize.minimize(lambda p: error(shape, p), start, method="Nelder-Mead",
+                                              options={"xatol": 0.1, "fatol": 1e-3, "maxiter": 160}).fun
+                            for start in starts) / norm
     order = sorted(errors, key=errors.get)
     first, second = order[0], order[1]
     if errors[first] > FIT_MAX_ERROR:
@@ -346,12 +360,13 @@ def _shape_by_fit(alpha: np.ndarray) -> tuple[str | None, bool]:
 
 
 def _shape_of(alpha: np.ndarray, touches_border: bool) -> tuple[str | None, bool]:
-    """Moments decide; where they hesitate between shapes of the same extent (a small rotated square
-    with hard edges is nearly round) and for border-cut objects, fitting each shape decides."""
+    """Moments decide; where they hesitate short of 4:3 (a small rotated square with hard edges is
+    nearly round, a 6 px one drawn 6 x 7 px looks longer) and for border-cut objects, fitting each
+    shape decides."""
     if touches_border:
         return _shape_by_fit(alpha)
     shape, unsure = _shape_by_moments(alpha)
-    if unsure and _moments(alpha)[0] < ROUND_ASPECT[0]:
+    if unsure and _moments(alpha)[0] < ROUND_ASPECT[1]:
         return _shape_by_fit(alpha)
     return shape, unsure
 

@@ -184,3 +184,47 @@ def test_a_person_reads_these_as_a_person_would():
     grey = draw(disk(16, 16, 5)) * 0 + torch.tensor([0.75] * 3).view(1, 3, 1, 1)
     grey[0, :, disk(16, 16, 5)] = red.view(3, 1)
     assert not w.judge(grey, [one]).attributes["background"][0]
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_fit_template_is_the_shape_blurred(shape):
+    """The fit's template against a hand computation: the exact shape, supersampled 16x16 per pixel,
+    box-filtered to pixels and blurred by FIT_BLUR. A square is exact up to the pixel box's
+    Gaussian approximation, a circle's curved edge nearly so; a triangle's three edges multiplied
+    are looser at its acute corners."""
+    from scipy import ndimage
+
+    from t2i_rl.world import judge as J
+
+    n, ss, size, rot, c = 24, 16, 10.0, 0.4, 11.7
+    sub = (np.arange(n * ss) + 0.5) / ss
+    x, y = np.meshgrid(sub, sub)
+    cos, sin = np.cos(rot), np.sin(rot)
+    u, v = (x - c) * cos + (y - c) * sin, -(x - c) * sin + (y - c) * cos
+    inside = {"circle": u**2 + v**2 <= (size / 2) ** 2,
+              "square": (np.abs(u) <= size / 2) & (np.abs(v) <= size / 2),
+              "triangle": (v <= size / 3) & (np.abs(u) <= (v + 2 * size / 3) / 2)}[shape]
+    exact = ndimage.gaussian_filter(inside.reshape(n, ss, n, ss).mean((1, 3)), J.FIT_BLUR, mode="constant")
+    template = J._template(shape, c, c, size, rot, n, n)
+    assert np.abs(template - exact).max() < {"square": 0.03, "circle": 0.03, "triangle": 0.12}[shape]
+    assert template.sum() == pytest.approx(exact.sum(), rel=0.02)  # the area: 100, 78.5 or 50 px
+
+
+@pytest.mark.parametrize("shape, angle", [("square", -25.0), ("square", 30.0), ("square", 0.0),
+                                          ("triangle", 100.0), ("triangle", -40.0), ("circle", 0.0)])
+def test_a_border_cut_object_is_fitted_as_its_shape_at_any_rotation(shape, angle):
+    """A quarter of the object outside the frame, hard edges: the fit starts from the best of a grid
+    of rotations over the shape's period, so a tilt on either side of the first start is found."""
+    from t2i_rl.world import judge as J
+
+    n, ss, size, rot = 20, 8, 10.0, np.deg2rad(angle)
+    sub = (np.arange(n * ss) + 0.5) / ss
+    x, y = np.meshgrid(sub, sub)
+    cx, cy = 2.0, 11.0  # the centre 2 px from the left edge: about a quarter outside
+    cos, sin = np.cos(rot), np.sin(rot)
+    u, v = (x - cx) * cos + (y - cy) * sin, -(x - cx) * sin + (y - cy) * cos
+    inside = {"circle": u**2 + v**2 <= (size / 2) ** 2,
+              "square": (np.abs(u) <= size / 2) & (np.abs(v) <= size / 2),
+              "triangle": (v <= size / 3) & (np.abs(u) <= (v + 2 * size / 3) / 2)}[shape]
+    alpha = inside.reshape(n, ss, n, ss)[:, ss // 2, :, ss // 2].astype(float)  # point-sampled
+    assert J._shape_by_fit(alpha) == (shape, False)
