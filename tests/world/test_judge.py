@@ -186,6 +186,18 @@ def test_a_person_reads_these_as_a_person_would():
     assert not w.judge(grey, [one]).attributes["background"][0]
 
 
+def exact_shape(shape: str, cx: float, cy: float, size: float, angle: float, n: int, ss: int) -> np.ndarray:
+    """Whether each of ss x ss points per pixel of an n x n image lies in the shape [n*ss, n*ss], drawn
+    here by hand as the judge's templates define it (a triangle's base and height are `size`)."""
+    sub = (np.arange(n * ss) + 0.5) / ss
+    x, y = np.meshgrid(sub, sub)
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = (x - cx) * cos + (y - cy) * sin, -(x - cx) * sin + (y - cy) * cos
+    return {"circle": u**2 + v**2 <= (size / 2) ** 2,
+            "square": (np.abs(u) <= size / 2) & (np.abs(v) <= size / 2),
+            "triangle": (v <= size / 3) & (np.abs(u) <= (v + 2 * size / 3) / 2)}[shape]
+
+
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
 def test_fit_template_is_the_shape_blurred(shape):
     """The fit's template against a hand computation: the exact shape, supersampled 16x16 per pixel,
@@ -197,13 +209,7 @@ def test_fit_template_is_the_shape_blurred(shape):
     from t2i_rl.world import judge as J
 
     n, ss, size, rot, c = 24, 16, 10.0, 0.4, 11.7
-    sub = (np.arange(n * ss) + 0.5) / ss
-    x, y = np.meshgrid(sub, sub)
-    cos, sin = np.cos(rot), np.sin(rot)
-    u, v = (x - c) * cos + (y - c) * sin, -(x - c) * sin + (y - c) * cos
-    inside = {"circle": u**2 + v**2 <= (size / 2) ** 2,
-              "square": (np.abs(u) <= size / 2) & (np.abs(v) <= size / 2),
-              "triangle": (v <= size / 3) & (np.abs(u) <= (v + 2 * size / 3) / 2)}[shape]
+    inside = exact_shape(shape, c, c, size, rot, n, ss)
     exact = ndimage.gaussian_filter(inside.reshape(n, ss, n, ss).mean((1, 3)), J.FIT_BLUR, mode="constant")
     template = J._template(shape, c, c, size, rot, n, n)
     assert np.abs(template - exact).max() < {"square": 0.03, "circle": 0.03, "triangle": 0.12}[shape]
@@ -217,14 +223,8 @@ def test_a_border_cut_object_is_fitted_as_its_shape_at_any_rotation(shape, angle
     of rotations over the shape's period, so a tilt on either side of the first start is found."""
     from t2i_rl.world import judge as J
 
-    n, ss, size, rot = 20, 8, 10.0, np.deg2rad(angle)
-    sub = (np.arange(n * ss) + 0.5) / ss
-    x, y = np.meshgrid(sub, sub)
-    cx, cy = 2.0, 11.0  # the centre 2 px from the left edge: about a quarter outside
-    cos, sin = np.cos(rot), np.sin(rot)
-    u, v = (x - cx) * cos + (y - cy) * sin, -(x - cx) * sin + (y - cy) * cos
-    inside = {"circle": u**2 + v**2 <= (size / 2) ** 2,
-              "square": (np.abs(u) <= size / 2) & (np.abs(v) <= size / 2),
-              "triangle": (v <= size / 3) & (np.abs(u) <= (v + 2 * size / 3) / 2)}[shape]
-    alpha = inside.reshape(n, ss, n, ss)[:, ss // 2, :, ss // 2].astype(float)  # point-sampled
+    n, ss = 20, 8
+    # the centre 2 px from the left edge: about a quarter outside; point-sampled near pixel centres
+    inside = exact_shape(shape, 2.0, 11.0, 10.0, np.deg2rad(angle), n, ss)
+    alpha = inside.reshape(n, ss, n, ss)[:, ss // 2, :, ss // 2].astype(float)
     assert J._shape_by_fit(alpha) == (shape, False)
