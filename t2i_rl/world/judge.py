@@ -67,11 +67,11 @@ SPLIT_PROMINENCE = (0.6, 1.0)  # px of distance-transform peak over its saddle: 
 TRIANGLE_MOMENT = (0.30, 0.50)  # third-order moment: unsure from, triangle from (0.75 vs < 0.08)
 ROUND_ASPECT = (1.18, 1.33)  # elongation: unsure from, "not a circle or a square" from (4:3)
 SQUARE_MOMENT = (0.30, 0.42)  # fourth harmonic: circle below, square above (0.58 vs < 0.06)
-FIT_MAX_ERROR = 0.25  # relative squared error of a border object's best shape fit
-FIT_MARGIN = 1.4
+FIT_MAX_ERROR = 0.25  # relative squared error of an object's best shape fit
+FIT_MARGIN = 1.4  # the best fit must beat the second shape by this factor to be sure
 FIT_BLUR = 0.6  # px: the Gaussian both sides of a fit are compared under
 FIT_ROTATIONS = 8  # rotations tried per period before a fit's search starts ...
-FIT_SEARCHES = 2  # ... from the best this many of them  # the best fit must beat the second shape by this factor to be sure
+FIT_SEARCHES = 2  # ... from the best this many of them
 
 
 @dataclass(frozen=True)
