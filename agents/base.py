@@ -222,35 +222,11 @@ class Agent(ABC):
         self.env.reset(seed=seed)
 
     # 1. collect ---------------------------------------------------------------------------
-    @torch.no_grad()
     def collect(self, prompts: list[str] | None = None, noise_group: int = 1) -> Rollout:
-        """Run `samples_per_epoch` episodes through the env with the current policy; `noise_group`
-        consecutive samples start from the same x_T."""
-        parts = []
+        """`samples_per_epoch` episodes (or one per prompt of `prompts`) in the training env with the
+        current policy; `noise_group` consecutive samples start from the same x_T."""
         n = len(prompts) if prompts is not None else self.cfg.samples_per_epoch
-        if n % self.env.num_envs:
-            raise ValueError(f"{n} prompts do not fill batches of the env's {self.env.num_envs}")
-        for start in range(0, n, self.env.num_envs):
-            options = {} if prompts is None else {"prompts": prompts[start:start + self.env.num_envs]}
-            if noise_group > 1:
-                options["noise_group"] = noise_group
-            parts.append(self._episode(options or None))
-        return Rollout.cat(parts)
-
-    def _episode(self, options: dict | None) -> Rollout:
-        obs, _ = self.env.reset(options=options)
-        embeds = obs["prompt_embeds"]
-        latents, log_probs = [obs["latents"]], []
-        for i in range(self.policy.num_steps):
-            action, logp = self.policy.sample_step(obs["latents"], i, embeds, generator=self.generator,
-                                                   noise=self.step_noise(i, obs["latents"].shape))
-            obs, rewards, terminated, _, info = self.env.step(action)
-            latents.append(action)
-            log_probs.append(logp)
-        assert bool(terminated.all()), "the env must end after the policy's num_steps"
-        info = {k: v.float() for k, v in info.items() if isinstance(v, torch.Tensor)}
-        return Rollout(list(self.env.prompts), embeds, torch.stack(latents, 1), torch.stack(log_probs, 1),
-                       rewards.float(), self.env.images, info)
+        return run_episodes(self.env, self.policy, n, self.generator, prompts, noise_group, self.step_noise)
 
     def step_noise(self, step: int, shape: torch.Size) -> torch.Tensor | None:
         """The sampler noise z of denoising step `step` for a batch, or None: the policy draws it
@@ -346,7 +322,9 @@ class Agent(ABC):
             self._gathered_optimizer = distributed.gather_to_main(shard)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything besides the weights that a resumed run needs to continue identically."""
+        """What the agent has learned besides the weights (optimizer, loss scaler), for a resumed run;
+        the random streams (the agent's generator, the env's) are each process's own and the Trainer
+        keeps them, once per process, beside this."""
         if self.engine is None:
             optimizer = self.optimizer.state_dict()
         elif self._gathered_optimizer is None:
@@ -357,8 +335,6 @@ class Agent(ABC):
         return {
             "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
-            "env": self.env.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -377,8 +353,39 @@ class Agent(ABC):
         else:
             self.optimizer.load_state_dict(optimizer)
         self.scaler.load_state_dict(state.get("scaler", {}))
-        self.generator.set_state(state["generator"])
-        self.env.set_rng_state(state["env"])
+
+
+@torch.no_grad()
+def run_episodes(env, policy, n: int, generator: torch.Generator, prompts: list[str] | None = None,
+                 noise_group: int = 1, step_noise=None) -> Rollout:
+    """`n` episodes of `policy` in `env`, batch by batch (one `env.reset` per batch of `env.num_envs`).
+
+    The one loop that turns the MDP's steps into a Rollout: agents collect with it, and the Trainer
+    evaluates every agent's policy with it in its own fixed-noise env (so that agents are compared on
+    one sampler). `prompts` (n of them) replace the env's prompt draws; `noise_group` consecutive
+    samples start from one x_T; `step_noise(step, shape)` may give the sampler noise z of a step
+    (None: the policy draws it from `generator`)."""
+    if n % env.num_envs:
+        raise ValueError(f"{n} prompts do not fill batches of the env's {env.num_envs}")
+    parts = []
+    for start in range(0, n, env.num_envs):
+        options = {} if prompts is None else {"prompts": prompts[start:start + env.num_envs]}
+        if noise_group > 1:
+            options["noise_group"] = noise_group
+        obs, _ = env.reset(options=options or None)
+        embeds = obs["prompt_embeds"]
+        latents, log_probs = [obs["latents"]], []
+        for i in range(policy.num_steps):
+            noise = None if step_noise is None else step_noise(i, obs["latents"].shape)
+            action, logp = policy.sample_step(obs["latents"], i, embeds, generator=generator, noise=noise)
+            obs, rewards, terminated, _, info = env.step(action)
+            latents.append(action)
+            log_probs.append(logp)
+        assert bool(terminated.all()), "the env must end after the policy's num_steps"
+        info = {k: v.float() for k, v in info.items() if isinstance(v, torch.Tensor)}
+        parts.append(Rollout(list(env.prompts), embeds, torch.stack(latents, 1), torch.stack(log_probs, 1),
+                             rewards.float(), env.images, info))
+    return Rollout.cat(parts)
 
 
 def adamw_settings(cfg: AgentConfig) -> dict[str, Any]:

@@ -140,9 +140,11 @@ class DDPOAgent(Agent):
         self._mirroring = False  # True while collecting the training groups of an antithetic run
 
     def collect(self, prompts: list[str] | None = None) -> Rollout:
+        """An epoch's samples: groups of `group_size` samples of one prompt (in mirrored pairs when
+        `antithetic`), else the env's own prompt draws."""
         if prompts is None and self.cfg.group_size:
             k = self.cfg.group_size
-            distinct = self.env.prompt_source(self.cfg.samples_per_epoch // k, self.env.np_random)
+            distinct = self.env.sample_prompts(self.cfg.samples_per_epoch // k)
             prompts = [p for p in distinct for _ in range(k)]
             noise_group = k if self.cfg.shared_noise else 2 if self.cfg.antithetic else 1
             self._mirroring = self.cfg.antithetic
@@ -183,17 +185,20 @@ class DDPOAgent(Agent):
                                 "policy/approx_kl": approx_kl.item(), "policy/clipfrac": clipfrac.item()}
 
     def update(self, rollout: Rollout) -> dict[str, float]:
+        # 1. advantages: group-relative (or per-prompt running statistics), clipped
         adv = self.advantages(rollout)
         trained = self.cfg.train_steps or self.policy.num_steps  # the first steps, those trained on
         n_steps = max(1, round(self.cfg.timestep_fraction * trained))
         unit = self.cfg.minibatch_unit() if len(rollout) == self.cfg.samples_per_epoch else 1  # rows dropped: 1
         stats: dict[str, list[float]] = {}
         for _ in range(self.cfg.inner_epochs):
+            # 2. minibatches of whole units (a mirrored pair stays in one step)
             for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator, unit):
                 steps = torch.randperm(trained, generator=self.generator)[:n_steps]
                 chunk = self.cfg.step_chunk or n_steps
                 for start in range(0, n_steps, chunk):
-                    # rows = (sample, step) pairs, sample-major; one UNet call re-evaluates them all
+                    # 3. the PPO-clip loss of the stored transitions at these steps, re-evaluated under the
+                    #    current policy: rows = (sample, step) pairs, sample-major, in one UNet call
                     s = steps[start:start + chunk]
                     k = len(s)
                     step_index = int(s[0]) if k == 1 else s.repeat(len(idx))
@@ -201,7 +206,8 @@ class DDPOAgent(Agent):
                         rollout.latents[idx][:, s].flatten(0, 1), rollout.latents[idx][:, s + 1].flatten(0, 1),
                         step_index, rollout.embeds[idx].repeat_interleave(k, 0),
                         rollout.log_probs[idx][:, s].flatten(), adv[idx].repeat_interleave(k))
-                    part = loss * k / n_steps  # the mean over all sampled steps, accumulated
+                    # 4. one optimizer step per minibatch, on the mean over its sampled steps
+                    part = loss * k / n_steps
                     if start + chunk < n_steps:
                         self.backward(part)
                     else:

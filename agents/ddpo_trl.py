@@ -17,7 +17,8 @@ How an epoch maps onto TRL:
 
 TRL's pipeline wraps the env's very modules (UNet with the policy's LoRA adapter, VAE, text
 encoder), so TRL's optimizer updates exactly `policy.trainable_parameters()`, and the policy's
-KL to the base model, the evaluation and checkpoints all see TRL's updates. TRL's metrics arrive
+KL to the base model, the evaluation and checkpoints all see TRL's updates (the Trainer evaluates
+with the package's sampler, `agents.base.run_episodes`, as it does every agent). TRL's metrics arrive
 through an in-memory accelerate tracker (its `accelerator.log` calls) and its `image_samples_hook`.
 
 Several processes (`accelerate launch`): TRL's accelerator joins the launch's process group, TRL

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 
-from t2i_rl.policy import gaussian_kl
+from t2i_rl.policy import encode_images, gaussian_kl
 
 from .base import Agent, AgentConfig, Rollout, minibatches
 
@@ -151,21 +150,10 @@ class ReFLAgent(Agent):
 
         if self._world is None:
             self._world = ShapesWorld(resolution=self.env.image_size)
-        pipe, scheduler = self.policy.pipe, self.policy.scheduler
-        device, unet = self.policy.device, self.policy.unet
         seed = int(torch.randint(2**31 - 1, (), generator=self.generator))
-        images = self._world.render(list(prompts), seed).to(device, pipe.vae.dtype)
-        with torch.no_grad():
-            dist = pipe.vae.encode(images * 2 - 1).latent_dist
-            latents = dist.sample(generator=self.generator).float() * pipe.vae.config.scaling_factor
-        noise = randn_tensor(latents.shape, generator=self.generator, device=device, dtype=torch.float32)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),), generator=self.generator)
-        t = t.to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        target = self.policy.training_target(latents, noise, t)
-        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(device, unet.dtype),
-                    return_dict=False)[0]
-        return F.mse_loss(pred.float(), target)
+        latents = encode_images(self.policy.pipe, self._world.render(list(prompts), seed), self.generator)
+        pred, target = self.policy.denoising_terms(latents, embeds, self.generator)
+        return F.mse_loss(pred, target)
 
     # -- update -----------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:

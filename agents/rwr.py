@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from t2i_rl import distributed
+from t2i_rl.policy import encode_images
 
 from .base import Agent, AgentConfig, Rollout, minibatches
 
@@ -169,25 +170,11 @@ class RWRAgent(Agent):
         self.pretrain_data = make_pretrain_data(cfg.pretrain_data, env.image_size) if cfg.pretrain_beta > 0 else None
 
     # -- the denoising loss ---------------------------------------------------------------
-    def denoising_terms(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditional model output, regression target) at t ~ U[0, num_train_timesteps)."""
-        scheduler, unet = self.policy.scheduler, self.policy.unet
-        x0 = latents.float()
-        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator).to(x0.device)
-        noisy = scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=embeds.to(x0.device, unet.dtype),
-                    return_dict=False)[0].float()
-        return pred, self.policy.training_target(x0, noise, t)
-
     @torch.no_grad()
     def pretrain_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents, prompt embeds) of `pretrain_batch_size` pre-training images."""
         images, prompts = self.pretrain_data.sample(self.cfg.pretrain_batch_size, self.generator)
-        vae = self.policy.pipe.vae
-        dist = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist
-        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.generator).to(dist.mean)
-        return latents.float() * vae.config.scaling_factor, self.policy.encode_prompts(prompts)
+        return encode_images(self.policy.pipe, images, self.generator), self.policy.encode_prompts(prompts)
 
     # -- update ---------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:
@@ -198,12 +185,13 @@ class RWRAgent(Agent):
                                          "policy/grad_norm": []}
         for _ in range(self.cfg.inner_epochs):
             for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
-                pred, target = self.denoising_terms(rollout.latents[idx, -1], rollout.embeds[idx])
+                pred, target = self.policy.denoising_terms(rollout.latents[idx, -1], rollout.embeds[idx],
+                                                            self.generator)
                 loss = weighted_denoising_loss(pred, target, weights[idx])
                 stats["loss/reward_weighted"].append(loss.item())
                 if self.pretrain_data is not None:
                     latents, embeds = self.pretrain_batch()
-                    pre_pred, pre_target = self.denoising_terms(latents, embeds)
+                    pre_pred, pre_target = self.policy.denoising_terms(latents, embeds, self.generator)
                     pre_loss = weighted_denoising_loss(pre_pred, pre_target)
                     stats["loss/pretrain"].append(pre_loss.item())
                     loss = loss + self.cfg.pretrain_beta * pre_loss

@@ -487,16 +487,13 @@ class SB3PPOAgent(Agent):
         return out
 
     # -- state ---------------------------------------------------------------------------------
-    def _sb3_env_rng(self) -> dict[str, Any]:
-        env = self.numpy_env.torch_env
-        return {"np": env.np_random.bit_generator.state, "torch": env.vec._generator.get_state()}
-
     def state_dict(self) -> dict[str, Any]:
         policy = self.model.policy
         heads = {k: v for k, v in policy.state_dict().items() if not k.startswith("diffusion_params.")}
         return {**super().state_dict(), "sb3": {
             "heads": heads, "num_timesteps": self.model.num_timesteps, "n_updates": self.model._n_updates,
-            "env_rng": self._sb3_env_rng(), "numpy_rng": np.random.get_state(), "seeded": self._seeded}}
+            "env_rng": self.numpy_env.torch_env.get_rng_state(), "numpy_rng": np.random.get_state(),
+            "seeded": self._seeded}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -504,8 +501,6 @@ class SB3PPOAgent(Agent):
         self.model.policy.load_state_dict(sb3["heads"], strict=False)
         self.model.num_timesteps = sb3["num_timesteps"]
         self.model._n_updates = sb3["n_updates"]
-        env = self.numpy_env.torch_env
-        env.np_random.bit_generator.state = sb3["env_rng"]["np"]
-        env.vec._generator.set_state(sb3["env_rng"]["torch"])
+        self.numpy_env.torch_env.set_rng_state(sb3["env_rng"])
         np.random.set_state(sb3["numpy_rng"])
         self._seeded = sb3["seeded"]

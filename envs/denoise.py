@@ -18,7 +18,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from t2i_rl.policy import DiffusionPolicy, decode_latents, encode_prompts
+from t2i_rl.policy import DiffusionPolicy, check_sampler, decode_latents, encode_prompts, initial_latents
 
 PromptSource = Callable[[int, np.random.Generator], list[str]]
 
@@ -154,15 +154,10 @@ class DenoiseVectorEnv(VectorEnv):
 
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if eta <= 0:
-            raise ValueError(f"eta must be > 0 (a stochastic sampler has log-probs), got {eta}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.pipe = load_pipeline(pipeline, device=device or "cpu") if isinstance(pipeline, str) else pipeline
+        check_sampler(self.pipe, num_steps, eta, guidance_scale)
         self.device = self.pipe.device if device is None else torch.device(device)
         self.reward_fn = reward if callable(reward) else make_reward(reward)
         self.gold_fn = None if gold is None else (gold if callable(gold) else make_reward(gold))
@@ -223,7 +218,7 @@ class DenoiseVectorEnv(VectorEnv):
         options = options or {}
         prompts = options.get("prompts")
         if prompts is None:
-            prompts = self.prompt_source(self.num_envs, self.np_random)
+            prompts = self.sample_prompts(self.num_envs)
         if isinstance(prompts, str) or len(prompts) != self.num_envs:
             raise ValueError(f"options['prompts'] must be a list of {self.num_envs} prompts, got {prompts!r}")
         group = options.get("noise_group", 1)
@@ -232,11 +227,10 @@ class DenoiseVectorEnv(VectorEnv):
                              f"({self.num_envs}), got {group!r}")
         self.prompts = list(prompts)
         self._generator.manual_seed(int(self.np_random.integers(2**63 - 1)))
-        # 1. draw x_T ~ N(0, I) from the env's own generator (on the CPU: the same on any device),
-        #    one per `noise_group` consecutive sub-envs
-        noise = torch.randn((self.num_envs // group, *self.latent_shape), generator=self._generator)
-        noise = noise.repeat_interleave(group, 0)
-        self.latents = noise.to(self.device) * self.pipe.scheduler.init_noise_sigma
+        # 1. draw x_T from the env's own generator (on the CPU: the same on any device), one per
+        #    `noise_group` consecutive sub-envs
+        self.latents = initial_latents(self.pipe, self.num_envs, self.latent_shape, self._generator, group,
+                                       device=self.device)
         # 2. encode the prompts once per episode
         self.prompt_embeds = encode_prompts(self.pipe, self.prompts).float()
         self.step_index = 0
@@ -271,6 +265,11 @@ class DenoiseVectorEnv(VectorEnv):
         """The decoded images as uint8 [num_envs, H, W, 3] (decoding the current latents)."""
         images = self.images if self.images is not None else self.decode(self.latents)
         return (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+    def sample_prompts(self, n: int) -> list[str]:
+        """`n` prompts from the env's prompt source and random state, as a reset draws them (an agent
+        that designs its episodes, e.g. groups of one prompt, draws their prompts here)."""
+        return self.prompt_source(n, self.np_random)
 
     def get_rng_state(self) -> dict[str, Any]:
         """The env's random state (prompt draws and x_T), for checkpoints that resume exactly."""
@@ -363,6 +362,14 @@ class DenoiseEnv(gym.Env):
 
     def render(self):
         return self.vec.render()[0]
+
+    def get_rng_state(self) -> dict[str, Any]:
+        """The env's random state (prompt draws and x_T: this env's generator, the vector env's x_T)."""
+        return {"np": self.np_random.bit_generator.state, "torch": self.vec.get_rng_state()["torch"]}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        self.np_random.bit_generator.state = state["np"]
+        self.vec.set_rng_state({"np": state["np"], "torch": state["torch"]})
 
     @staticmethod
     def _single(obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,8 +35,8 @@ def _check_reduce(reduce: str) -> None:
 
 
 # ---------------------------------------------------------------------------- the sampler's I/O
-# The one home of prompt encoding, initial latents and decoding: the env, the policy and the agents
-# that sample by themselves (ReFL, DRaFT, TRL's pipeline) all call these.
+# The one home of prompt encoding, initial latents, encoding and decoding images: the env, the policy
+# and the agents that sample or encode by themselves (ReFL, DRaFT, RWR, TRL's pipeline) all call these.
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
     """Text-encoder hidden states [B, L, D] as SD's pipelines form them (padded to max length), in
@@ -65,11 +65,45 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def initial_latents(pipe, n: int, latent_shape: Sequence[int], generator: torch.Generator, group: int = 1,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """x_T ~ N(0, sigma_init^2 I) [n, *latent_shape] in float32 on `device` (default: the pipeline's),
+    drawn from `generator` on its own device (a CPU generator: the same x_T on any device), one draw
+    per `group` consecutive samples."""
+    noise = randn_tensor((n // group, *latent_shape), generator=generator, device=device or pipe.device,
+                         dtype=torch.float32)
+    return noise.repeat_interleave(group, 0) * pipe.scheduler.init_noise_sigma
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w] in float32, a draw of the VAE's posterior
+    scaled as the UNet sees them (the inverse of `decode_latents`, for agents that train the denoising
+    loss on images)."""
+    vae = pipe.vae
+    dist = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist
+    return dist.sample(generator=generator).float() * vae.config.scaling_factor
+
+
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     """KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) per element, reduced over non-batch dims -> [B]:
     (mean - ref_mean)^2 / (2 std^2), the closed form of two Gaussians of one variance."""
     _check_reduce(reduce)
     return _reduce((mean - ref_mean) ** 2 / (2 * std**2), reduce)
+
+
+def check_sampler(pipe, num_steps: int, eta: float, guidance_scale: float) -> None:
+    """The sampler settings that define the MDP's transition (the env's and the policy's contract)."""
+    num_train = pipe.scheduler.config.num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train:
+        raise ValueError(f"num_steps must be an int in [1, {num_train}], got {num_steps!r}")
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(
+            f"eta must be in (0, 1], got {eta!r}: eta > 0 makes the policy stochastic (log-probs need "
+            "sigma_t > 0) and eta > 1 makes DDIM's direction term sqrt(1 - alpha_prev - sigma^2) undefined"
+        )
+    if not guidance_scale >= 0.0:
+        raise ValueError(f"guidance_scale must be >= 0 (<= 1 means no classifier-free guidance), got {guidance_scale!r}")
 
 
 class DiffusionPolicy:
@@ -100,16 +134,7 @@ class DiffusionPolicy:
                 f"pipe.scheduler must be a diffusers DDIMScheduler (the policy's log-probs are DDIM's), "
                 f"got {type(pipe.scheduler).__name__}; use DDIMScheduler.from_config(pipe.scheduler.config)"
             )
-        num_train = pipe.scheduler.config.num_train_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train:
-            raise ValueError(f"num_steps must be an int in [1, {num_train}], got {num_steps!r}")
-        if not 0.0 < eta <= 1.0:
-            raise ValueError(
-                f"eta must be in (0, 1], got {eta!r}: eta > 0 makes the policy stochastic (log-probs need "
-                "sigma_t > 0) and eta > 1 makes DDIM's direction term sqrt(1 - alpha_prev - sigma^2) undefined"
-            )
-        if not guidance_scale >= 0.0:
-            raise ValueError(f"guidance_scale must be >= 0 (<= 1 means no classifier-free guidance), got {guidance_scale!r}")
+        check_sampler(pipe, num_steps, eta, guidance_scale)
         if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
             raise ValueError(f"lora_rank must be an int >= 1, or None for full fine-tuning, got {lora_rank!r}")
         if lora_alpha is not None and not lora_alpha > 0:
@@ -244,9 +269,8 @@ class DiffusionPolicy:
         return encode_prompts(self.pipe, prompts)
 
     def initial_latents(self, n: int, latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-        """x_T ~ N(0, sigma_init^2 I) [n, *latent_shape] in float32, drawn from `generator` on its device."""
-        noise = randn_tensor((n, *latent_shape), generator=generator, device=self.device, dtype=torch.float32)
-        return noise * self.scheduler.init_noise_sigma
+        """x_T ~ N(0, sigma_init^2 I) [n, *latent_shape] in float32 (`initial_latents`)."""
+        return initial_latents(self.pipe, n, latent_shape, generator, device=self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images [B, 3, H, W] in [0, 1], with gradients (`decode_latents`)."""
@@ -260,6 +284,21 @@ class DiffusionPolicy:
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(x0, noise, t)
         return x0  # "sample"
+
+    def denoising_terms(self, x0: torch.Tensor, embeds: torch.Tensor,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoising loss's (prediction, target) on clean latents x0 [B, C, h, w]: noise and
+        t ~ U{0, ..., num_train_timesteps - 1} drawn from `generator` (in that order), the trainable
+        UNet's conditional output (no guidance) at add_noise(x0, noise, t), in float32, and
+        `training_target`: what agents that regress on images (RWR, ReFL's pre-training term) fit."""
+        x0 = x0.float()
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        t = t.to(x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        pred = self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=embeds.to(x0.device, self.unet.dtype),
+                         return_dict=False)[0]
+        return pred.float(), self.training_target(x0, noise, t)
 
     @property
     def uncond_embeds(self) -> torch.Tensor:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 PROMPT_ASSETS = Path(__file__).resolve().parent / "assets" / "prompts"
 FILE_PREFIX = "file:"
+# a TextNorm reward's contrastive prompts when its spec names none (t2i_rl.rewards.make_contrastive);
+# here, with no heavy import, so that the config checks read the same default
+DEFAULT_CONTRASTIVE = "shapes"
 
 
 def shipped_prompt_sets() -> list[str]:

@@ -24,8 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from agents.base import TrainingDiverged, adamw_settings
+from agents.base import TrainingDiverged, adamw_settings, run_episodes
 from t2i_rl import CONFIG_DIR, distributed, runlock
+from t2i_rl.prompts import DEFAULT_CONTRASTIVE
 
 GROUPS = ("agent", "env", "model")
 
@@ -176,7 +177,7 @@ def uses_shapes_contrastive(spec: Any) -> bool:
             source.get("name") == "shapes" or shapes(source.get("fallback")))
 
     if isinstance(spec, dict):
-        if spec.get("name") == "textnorm" and shapes(spec.get("contrastive", "shapes")):
+        if spec.get("name") == "textnorm" and shapes(spec.get("contrastive", DEFAULT_CONTRASTIVE)):
             return True
         return any(uses_shapes_contrastive(v) for v in spec.values())
     return isinstance(spec, list) and any(uses_shapes_contrastive(v) for v in spec)
@@ -286,7 +287,9 @@ class Trainer:
     `--use_deepspeed` DeepSpeed's ZeRO engine (stage 1 or 2) shards them and steps.
     """
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, validated: tuple | None = None) -> None:
+        """`validated`: what `validate(cfg)` returned, when the command has validated `cfg` already
+        (the config is validated once per command)."""
         from envs import DenoiseVectorEnv, heldout_counterpart, make_prompt_source, training_eval_prompts
         from t2i_rl.checkpoint import find_checkpoint
         from t2i_rl.diagnostics import EarlyStopper, HackDetector
@@ -294,7 +297,7 @@ class Trainer:
         from t2i_rl.models import load_pipeline
         from t2i_rl.rewards import make_reward
 
-        cls, agent_cfg = validate(cfg)
+        cls, agent_cfg = validated or validate(cfg)
         device = distributed.init(cfg.device)
         world, self.is_main = distributed.world_size(), distributed.is_main()
         self.cfg = cfg
@@ -446,15 +449,9 @@ class Trainer:
         share = len(prompts) // distributed.world_size()
         mine = prompts[distributed.rank() * share:(distributed.rank() + 1) * share]
         seed = distributed.rank_seed(seed)
-        saved = self.agent.generator.get_state()
-        self.agent.generator.manual_seed(seed)
         eval_env.reset(seed=seed)
-        env, self.agent.env = self.agent.env, eval_env
-        try:
-            rollout = self.agent.collect(mine)
-        finally:
-            self.agent.env = env
-            self.agent.generator.set_state(saved)
+        # the package's sampler for every agent (TRL's and SB3's too), with noise of the set's own
+        rollout = run_episodes(eval_env, self.policy, len(mine), torch.Generator().manual_seed(seed), mine)
         values = {"proxy": rollout.rewards}
         if "gold/score" in rollout.info:
             values.update(gold=rollout.info["gold/score"], gold_correct=rollout.info["gold/correct"],
@@ -531,7 +528,7 @@ class Trainer:
         self.agent.consolidate_optimizer()
         if not self.is_main:
             return
-        state = {"epoch": epoch, "agent": self.agent.state_dict(), "torch_rng": torch.get_rng_state(),
+        state = {"epoch": epoch, "agent": self.agent.state_dict(),
                  "hack_threshold": self.hacks.threshold, "stopper": self.stopper.history, "rank_rngs": rank_rngs}
         save_checkpoint(self.run_dir / "checkpoints" / "last", self.policy, state)
 
@@ -542,7 +539,6 @@ class Trainer:
         self.agent.load_state_dict(state["agent"])
         for group in self.agent.optimizer.param_groups:  # the config's (resume=force may change them)
             group.update(adamw_settings(self.agent.cfg))
-        torch.set_rng_state(state["torch_rng"])
         self.hacks.threshold = state["hack_threshold"]
         self.stopper.history = state["stopper"]
         best = find_checkpoint(path.parent / "best")  # its score: the final evaluation's may be newer than `last`
@@ -600,30 +596,36 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    metrics = Trainer(cfg).fit()
+def run(cfg: DictConfig, validated: tuple | None = None) -> dict[str, float]:
+    metrics = Trainer(cfg, validated).fit()
     distributed.shutdown()
     return metrics
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        validate(cfg)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    from t2i_rl.checkpoint import DiskFull  # after validation: it imports diffusers
+def hydra_entry(validated: tuple | None = None) -> Callable[[], None]:
+    """The Hydra app that trains: `validated` is `precheck`'s result when it composed and validated
+    the config already (Hydra composes the same one), else the app validates it."""
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        try:
+            checked = validated or validate(cfg)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        from t2i_rl.checkpoint import DiskFull  # after validation: it imports diffusers
 
-    try:
-        run(cfg)
-    except (TrainingDiverged, DiskFull, runlock.RunFolderInUse) as err:  # stopped; or another run took the folder
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, runlock.RunFolderInUse) else 1)
+        try:
+            run(cfg, checked)
+        except (TrainingDiverged, DiskFull, runlock.RunFolderInUse) as err:  # stopped; or another run took it
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2 if isinstance(err, runlock.RunFolderInUse) else 1)
+
+    return app
 
 
-def precheck(argv: list[str]) -> None:
-    """Compose and validate the config as Hydra will, so that any mistake is one line, not a page."""
+def precheck(argv: list[str]) -> tuple:
+    """Compose and validate the config as Hydra will, so that any mistake is one line, not a page;
+    returns what `validate` returned."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -634,18 +636,19 @@ def precheck(argv: list[str]) -> None:
             cfg = compose(config_name="config", overrides=argv)
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(str(err).splitlines()[0]) from None
-    validate(cfg)
+    return validate(cfg)
 
 
 def main() -> None:
     argv = sys.argv[1:]
+    validated = None
     if not any(a.startswith("-") for a in argv):  # Hydra's own flags (--help, --multirun) go through
         try:
-            precheck(argv)
+            validated = precheck(argv)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
-    _hydra_main()
+    hydra_entry(validated)()
 
 
 if __name__ == "__main__":

@@ -38,11 +38,11 @@ def refused_by_train(monkeypatch, capsys):
     from t2i_rl import train
 
     def call(args: list[str]) -> tuple[int, list[str]]:
-        def accepted() -> None:
+        def accepted(validated=None):
             raise AssertionError(f"the checks accepted {args}")
 
         monkeypatch.setattr(sys, "argv", ["t2i_rl.train", *args])
-        monkeypatch.setattr(train, "_hydra_main", accepted)
+        monkeypatch.setattr(train, "hydra_entry", accepted)
         with pytest.raises(SystemExit) as stop:
             train.main()
         return stop.value.code, capsys.readouterr().err.splitlines()

@@ -154,7 +154,7 @@ def test_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_
 def test_a_diverged_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
     import t2i_rl.train as train
 
-    def diverge(cfg):
+    def diverge(cfg, validated=None):
         raise TrainingDiverged("training diverged at epoch 2: ...")
 
     monkeypatch.setattr(train, "run", diverge)

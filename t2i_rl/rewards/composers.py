@@ -21,9 +21,9 @@ from numbers import Integral
 
 import torch
 
-from ..world import ShapesWorld
 from ._common import check_prompt_sets, pad_prompt_sets, positive_float
 from .base import RawReward, RewardFunction, RewardOutput
+from .contrastive import make_contrastive
 
 ENSEMBLE_MODES = ("mean", "mean_minus_std", "min", "weighted")
 _STD_FLOOR = 1e-12  # variance floor: keeps the gradient of std finite when members agree exactly
@@ -128,7 +128,7 @@ class TextNorm(RewardFunction):
     Args:
         reward: a RawReward, or an Ensemble of RawRewards (each member is normalized with its
             own tau, then the confidences are combined with the ensemble's mode).
-        contrastive: prompt -> list of contrastive prompts (default: ShapesWorld().contrastive;
+        contrastive: prompt -> list of contrastive prompts (default: `make_contrastive()`, ShapesWorld's;
             free-text generators in `t2i_rl.rewards.contrastive`). The prompt itself and repeats
             are dropped from what it returns; prompts may have different numbers of contrastive
             prompts (the padding is masked out), and none at all gives confidence 1.
@@ -164,7 +164,7 @@ class TextNorm(RewardFunction):
                 f"reward must be a RawReward or an Ensemble of RawRewards, got {type(reward).__name__} "
                 f"({getattr(reward, 'name', '?')!r})")
         if contrastive is None:
-            contrastive = ShapesWorld().contrastive
+            contrastive = make_contrastive()
         if not callable(contrastive):
             raise ValueError(f"contrastive must be a callable prompt -> list[str], got {contrastive!r}")
         if k is not None and (not isinstance(k, Integral) or isinstance(k, bool) or k < 0):

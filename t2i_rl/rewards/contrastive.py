@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
 
+from ..prompts import DEFAULT_CONTRASTIVE
+
 Contrastive = Callable[[str], list[str]]
 
 KINDS: tuple[str, ...] = ("count", "color", "object", "spatial", "binding")
@@ -616,7 +618,6 @@ class JsonContrastive:
 # Specs
 
 CONTRASTIVE_NAMES: tuple[str, ...] = ("shapes", "rules", "lm", "json")
-DEFAULT_CONTRASTIVE = "shapes"  # a TextNorm reward's contrastive prompts when its spec names none
 _SPEC_KEYS = {
     "shapes": set(), "rules": {"k", "seed", "kinds"},
     "lm": {"path", "k", "fallback", "max_new_tokens", "min_overlap"},

@@ -128,7 +128,8 @@ def test_bad_actions_raise_value_errors_naming_what_is_expected(pipe, action, ma
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"num_steps": 0}, "num_steps"), ({"eta": 0.0}, "eta"), ({"prompts": "laion"}, "prompt source"),
+    ({"num_steps": 0}, "num_steps"), ({"eta": 0.0}, "eta"), ({"eta": 1.5}, r"eta must be in \(0, 1\]"),
+    ({"prompts": "laion"}, "prompt source"),
     ({"guidance_scale": -1.0}, "guidance_scale"),
 ])
 def test_bad_constructor_arguments(pipe, kwargs, match):
