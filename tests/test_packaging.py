@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
@@ -38,7 +39,9 @@ def test_a_source_checkout_reads_the_configs_folder():
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """The wheel of this tree, installed (without its dependencies, which this venv has) into a folder."""
+    """The python of a fresh venv into which the wheel of this tree is installed, not editable. The
+    venv borrows this venv's packages for the dependencies (a .pth line: their folder is read, its
+    .pth files, and so this checkout's editable hook, are not), so that nothing is downloaded."""
     root = tmp_path_factory.mktemp("wheel")
     # built from a copy: setuptools writes build/ into the tree it builds, and would reuse a stale one
     source = shutil.copytree(ROOT, root / "source", ignore=shutil.ignore_patterns(
@@ -50,20 +53,28 @@ def installed(tmp_path_factory) -> Path:
         names = set(z.namelist())
     yaml = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
     assert {f"t2i_rl/conf/{p}" for p in yaml} <= names, "the wheel lacks configs"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(root / "site"),
-                    str(wheel)], check=True, capture_output=True)
-    return root / "site"
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   capture_output=True)
+    return python
 
 
 def test_an_installed_wheel_trains_from_another_directory(installed, tiny_assets, tmp_path):
     overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run")
     reward_override = f"env.reward={{name:textnorm,base:{{name:clip,path:'{reward['base']['path']}'}},tau:0.05}}"
-    env = {**os.environ, "PYTHONPATH": str(installed)}
-    proc = subprocess.run([sys.executable, "-m", "t2i_rl.train", *overrides, reward_override, "samples.every=0"],
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([installed, "-m", "t2i_rl.train", *overrides, reward_override, "samples.every=0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    where = subprocess.run([sys.executable, "-c", "import t2i_rl; print(t2i_rl.CONFIG_DIR)"], cwd=tmp_path, env=env,
+    where = subprocess.run([installed, "-c", "import t2i_rl; print(t2i_rl.CONFIG_DIR)"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
-    assert Path(where) == installed / "t2i_rl" / "conf"
+    site = subprocess.run([installed, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where) == Path(site) / "t2i_rl" / "conf"
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
