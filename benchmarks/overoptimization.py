@@ -19,6 +19,11 @@ falls is the overoptimization the package is for.
 
 KL at an evaluation: the median of `policy/kl_to_base` over the training epochs within 2 of it
 (the rollout of epoch e is sampled by the policy evaluated at e; single epochs spike).
+
+Head to head, as the TextNorm paper's human evaluation: the policies of each reward and of `raw`
+(the same agent and seed, so the same held-out prompts and noise) at the last evaluation, image by
+image on the judge's graded score (the fraction of the prompt's attributes right): win, tie or
+loss, pooled over the seeds, each with a 95% interval (bootstrap over the seed's prompts).
 """
 
 from __future__ import annotations
@@ -104,6 +109,55 @@ def table(out: Path, agents: list[str], rewards: list[str], seeds: list[int]) ->
     return "\n".join(lines)
 
 
+def final_eval(run: Path, epoch: int) -> dict | None:
+    """The held-out records of a run's evaluation at `epoch` (prompts and per-image scores), or None."""
+    path = run / "evals" / f"epoch{epoch:04d}.json"
+    return json.loads(path.read_text()).get("heldout") if path.is_file() else None
+
+
+def head_to_head(out: Path, agent: str, reward: str, baseline: str, seeds: list[int], epoch: int) -> dict | None:
+    """Win / tie / loss rates of `reward`'s policy against `baseline`'s on held-out gold at `epoch`,
+    image by image, with 95% bootstrap intervals (resampling the prompts of each seed); None when no
+    seed has both evaluations."""
+    from t2i_rl.intervals import bootstrap_mean_interval
+
+    outcome, groups = [], []
+    for seed in seeds:
+        mine, theirs = (final_eval(cell(out, agent, r, seed), epoch) for r in (reward, baseline))
+        if mine is None or theirs is None:
+            continue
+        if mine["prompts"] != theirs["prompts"]:
+            raise ValueError(f"{agent} seed {seed}: {reward} and {baseline} were evaluated on other prompts")
+        for prompt, a, b in zip(mine["prompts"], mine["gold"], theirs["gold"]):
+            outcome.append((a > b) - (a < b))
+            groups.append(f"{seed}:{prompt}")
+    if not outcome:
+        return None
+    result = {"n": len(outcome), "seeds": len({g.split(":")[0] for g in groups})}
+    for name, values in [("win", [float(o == 1) for o in outcome]), ("tie", [float(o == 0) for o in outcome]),
+                         ("loss", [float(o == -1) for o in outcome]), ("net", [float(o) for o in outcome])]:
+        result[name] = statistics.fmean(values)
+        result[f"{name}_ci"] = bootstrap_mean_interval(values, groups)
+    return result
+
+
+def head_to_head_table(out: Path, agents: list[str], rewards: list[str], seeds: list[int], epoch: int,
+                       baseline: str = "raw") -> str:
+    def pct(r: dict, key: str) -> str:
+        low, high = r[f"{key}_ci"]
+        return f"{100 * r[key]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+    lines = [f"| agent | reward vs {baseline} | seeds | images | win | tie | loss | win - loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for agent in agents:
+        for reward in rewards:
+            r = None if reward == baseline else head_to_head(out, agent, reward, baseline, seeds, epoch)
+            if r is not None:
+                lines.append(f"| {agent} | {reward} | {r['seeds']} | {r['n']} | {pct(r, 'win')} | {pct(r, 'tie')} | "
+                             f"{pct(r, 'loss')} | {pct(r, 'net')} |")
+    return "\n".join(lines)
+
+
 def plot(out: Path, agent: str, rewards: list[str], seeds: list[int], path: Path) -> None:
     import matplotlib
 
@@ -167,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             f"`python benchmarks/overoptimization.py {given}`; "
             f"runs in `{args.out}`. Gold: the judge's all-correct on the fixed-noise evaluation images "
             "(train: the training prompts; held-out: held-out prompts); mean over seeds (min–max).", "",
-            table(args.out, args.agents, args.rewards, args.seeds), ""]
+            table(args.out, args.agents, args.rewards, args.seeds), "",
+            f"Head to head at epoch {args.epochs}: each reward's policy against raw's, held-out prompts, the "
+            "judge's graded score image by image (same seed: same prompts and noise); 95% intervals, bootstrap "
+            "over prompts.", "",
+            head_to_head_table(args.out, args.agents, args.rewards, args.seeds, args.epochs), ""]
     for agent in args.agents:
         png = args.doc.parent / f"overoptimization_{agent}.png"
         plot(args.out, agent, args.rewards, args.seeds, png)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.overoptimization import cell_summary, main, read_metrics
+from benchmarks.overoptimization import cell, cell_summary, head_to_head, main, read_metrics
 
 
 def tiny(assets) -> list[str]:
@@ -33,6 +33,7 @@ def test_the_grid_trains_each_cell_once_resumes_and_writes_its_table(tiny_assets
         assert [row["epoch"] for row in read_metrics(run)] == [0, 1, 2]
     text = doc.read_text()
     assert "| ddpo | raw | 1 |" in text and "| ddpo | textnorm | 1 |" in text
+    assert "| agent | reward vs raw |" in text and "| ddpo | textnorm | 1 | 4 |" in text  # 4 held-out images
     assert (doc.parent / "overoptimization_ddpo.png").stat().st_size > 10_000
 
 
@@ -52,3 +53,30 @@ def test_bad_arguments_get_one_error_line_and_run_nothing(tmp_path, capsys):
             main([*args, "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "doc.md")])
         assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()
+
+
+def write_eval(out, agent, reward, seed, epoch, prompts, gold):
+    folder = cell(out, agent, reward, seed) / "evals"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"prompts": prompts, "gold": gold, "proxy": [0.0] * len(gold)}
+    (folder / f"epoch{epoch:04d}.json").write_text(json.dumps({"train": record, "heldout": record}))
+
+
+def test_head_to_head_counts_wins_ties_and_losses_image_by_image(tmp_path):
+    prompts = ["p0", "p1", "p2", "p3"]
+    write_eval(tmp_path, "ddpo", "raw", 0, 5, prompts, [0.5, 0.5, 1.0, 0.25])
+    write_eval(tmp_path, "ddpo", "textnorm", 0, 5, prompts, [0.75, 0.5, 0.5, 1.0])  # win, tie, loss, win
+    write_eval(tmp_path, "ddpo", "raw", 1, 5, ["q0", "q1"], [0.0, 1.0])
+    write_eval(tmp_path, "ddpo", "textnorm", 1, 5, ["q0", "q1"], [1.0, 1.0])  # win, tie
+    r = head_to_head(tmp_path, "ddpo", "textnorm", "raw", [0, 1, 2], 5)  # seed 2 has no runs: left out
+    assert (r["n"], r["seeds"]) == (6, 2)
+    assert (r["win"], r["tie"], r["loss"]) == pytest.approx((3 / 6, 2 / 6, 1 / 6))
+    assert r["net"] == pytest.approx(2 / 6)
+    for key in ("win", "tie", "loss", "net"):
+        low, high = r[f"{key}_ci"]
+        assert low <= r[key] <= high
+    assert head_to_head(tmp_path, "ddpo", "textnorm", "raw", [2], 5) is None
+    write_eval(tmp_path, "ddpo", "raw", 3, 5, ["a"], [0.0])
+    write_eval(tmp_path, "ddpo", "textnorm", 3, 5, ["b"], [0.0])
+    with pytest.raises(ValueError, match="seed 3: textnorm and raw were evaluated on other prompts"):
+        head_to_head(tmp_path, "ddpo", "textnorm", "raw", [3], 5)
