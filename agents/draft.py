@@ -105,8 +105,10 @@ class DRaFTAgent(Agent):
                                          "policy/grad_norm": [], "draft/k": []}
         for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
             prompts = [rollout.prompts[i] for i in idx.tolist()]
+            # 1. the whole chain again, gradients through its last k steps, and the reward loss
             k = self.draw_k()
             loss, rewards, penalty = self.draft_step(prompts, rollout.embeds[idx], k)
+            # 2. update
             stats["policy/grad_norm"].append(self.optimizer_step(loss + penalty))
             stats["loss/draft"].append(loss.item())
             stats["loss/kl_penalty"].append(penalty.item())

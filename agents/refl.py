@@ -163,12 +163,15 @@ class ReFLAgent(Agent):
         for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
             prompts = [rollout.prompts[i] for i in idx.tolist()]
             embeds = rollout.embeds[idx]
+            # 1. sample to a random late step without gradients, one step with them, the reward loss
             loss, rewards, penalty, i = self.refl_step(prompts, embeds)
             total = loss + penalty
+            # 2. the pre-training denoising loss on rendered images of the same prompts
             pretrain = None
             if self.cfg.pretrain_beta > 0:
                 pretrain = self.pretrain_loss(prompts, embeds)
                 total = total + self.cfg.pretrain_beta * pretrain
+            # 3. update
             stats["policy/grad_norm"].append(self.optimizer_step(total))
             stats["loss/refl"].append(loss.item())
             stats["loss/pretrain"].append(pretrain.item() if pretrain is not None else 0.0)

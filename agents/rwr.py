@@ -178,17 +178,20 @@ class RWRAgent(Agent):
 
     # -- update ---------------------------------------------------------------------------
     def update(self, rollout: Rollout) -> dict[str, float]:
-        # over every process's samples (a softmax spans the batch); this process keeps its rows
+        # 1. weights from the rewards, over every process's samples (a softmax spans the batch); this
+        #    process keeps its rows
         all_weights = reward_weights(distributed.gather(rollout.rewards), self.cfg.weighting, self.cfg.temperature)
         weights = distributed.local_rows(all_weights).to(rollout.latents.device)
         stats: dict[str, list[float]] = {"loss/reward_weighted": [], "loss/pretrain": [], "loss/kl_penalty": [],
                                          "policy/grad_norm": []}
         for _ in range(self.cfg.inner_epochs):
             for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
+                # 2. the reward-weighted denoising loss on the samples' final latents
                 pred, target = self.policy.denoising_terms(rollout.latents[idx, -1], rollout.embeds[idx],
                                                             self.generator)
                 loss = weighted_denoising_loss(pred, target, weights[idx])
                 stats["loss/reward_weighted"].append(loss.item())
+                # 3. plus beta x the plain denoising loss on pre-training images
                 if self.pretrain_data is not None:
                     latents, embeds = self.pretrain_batch()
                     pre_pred, pre_target = self.policy.denoising_terms(latents, embeds, self.generator)
@@ -200,6 +203,7 @@ class RWRAgent(Agent):
                     penalty = self.kl_penalty(rollout.latents[idx, i], i, rollout.embeds[idx])
                     stats["loss/kl_penalty"].append(penalty.item())
                     loss = loss + penalty
+                # 4. update
                 stats["policy/grad_norm"].append(self.optimizer_step(loss))
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["rwr/weight_mean"] = all_weights.mean().item()
