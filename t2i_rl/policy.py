@@ -455,8 +455,7 @@ class DiffusionPolicy:
     ) -> torch.Tensor:
         """KL(pi_theta || pi_ref) at x_t [B]: (mu_theta - mu_ref)^2 / (2 sigma_t^2), same sigma on both sides."""
         _check_reduce(reduce)
-        mean, std = self.step_stats(latents, step_index, embeds)
-        ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
+        mean, ref_mean, std = self._with_reference(latents, step_index, embeds)
         return gaussian_kl(mean, ref_mean, std, reduce)
 
     def log_prob_and_kl(
@@ -469,9 +468,15 @@ class DiffusionPolicy:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`log_prob` and `kl_to_reference` from one policy forward (DPOK needs both per step)."""
         _check_reduce(reduce)
+        mean, ref_mean, std = self._with_reference(latents, step_index, embeds)
+        return self.gaussian_log_prob(next_latents, mean, std, reduce), gaussian_kl(mean, ref_mean, std, reduce)
+
+    def _with_reference(self, latents: torch.Tensor, step_index: int | torch.Tensor,
+                        embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu_theta, mu_ref, sigma) at x_t: the policy's step and the reference model's."""
         mean, std = self.step_stats(latents, step_index, embeds)
         ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
-        return self.gaussian_log_prob(next_latents, mean, std, reduce), gaussian_kl(mean, ref_mean, std, reduce)
+        return mean, ref_mean, std
 
     # ---------------------------------------------------------------- parameters
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
