@@ -321,9 +321,9 @@ class TRLDDPOAgent(Agent):
     # -- TRL's hooks ---------------------------------------------------------------------------------
     def _draw_batch(self, prompts: list[str] | None = None) -> None:
         """One env.reset(): the prompts and x_T of the next sampling batch, as the native agent draws them."""
-        self.env.reset(options=None if prompts is None else {"prompts": prompts})
-        self._prompts.extend(self.env.prompts)
-        self._latents.append(self.env.latents / self.env.pipe.scheduler.init_noise_sigma)
+        obs, info = self.env.reset(options=None if prompts is None else {"prompts": prompts})
+        self._prompts.extend(info["prompt"])
+        self._latents.append(obs["latents"] / self.policy.scheduler.init_noise_sigma)
 
     def _prompt_function(self) -> tuple[str, dict]:
         """TRL's prompt_function: the env's next prompt (a batch is drawn when none is queued)."""
@@ -380,7 +380,7 @@ class TRLDDPOAgent(Agent):
         """A Rollout as TRL's (samples, prompt_image_data, (rewards, reward_metadata)) of one batch."""
         trainer, b = self.trainer, len(rollout)
         device = trainer.accelerator.device
-        ids = prompt_ids(self.env.pipe, rollout.prompts).to(device)
+        ids = prompt_ids(self.policy.pipe, rollout.prompts).to(device)
         timesteps = self.trl_pipeline.scheduler.timesteps.to(device).repeat(b, 1)
         samples = {
             "prompt_ids": ids,

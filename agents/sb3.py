@@ -104,7 +104,7 @@ class EpisodeRecorder(gym.Wrapper):
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         if terminated or truncated:
-            image = self.env.unwrapped.torch_env.vec.images[0].detach().float().cpu()
+            image = self.env.unwrapped.torch_env.image.detach().float().cpu()
             self.episodes.append({"reward": float(reward), "image": image, "info": dict(info)})
         return obs, reward, terminated, truncated, info
 

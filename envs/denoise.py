@@ -363,6 +363,11 @@ class DenoiseEnv(gym.Env):
     def render(self):
         return self.vec.render()[0]
 
+    @property
+    def image(self) -> torch.Tensor | None:
+        """The episode's decoded image [3, H, W] in [0, 1] once it has ended (None before)."""
+        return None if self.vec.images is None else self.vec.images[0]
+
     def get_rng_state(self) -> dict[str, Any]:
         """The env's random state (prompt draws and x_T: this env's generator, the vector env's x_T)."""
         return {"np": self.np_random.bit_generator.state, "torch": self.vec.get_rng_state()["torch"]}
