@@ -228,6 +228,11 @@ class Agent(ABC):
         n = len(prompts) if prompts is not None else self.cfg.samples_per_epoch
         return run_episodes(self.env, self.policy, n, self.generator, prompts, noise_group, self.step_noise)
 
+    def grouped_prompts(self, k: int) -> list[str]:
+        """An epoch's prompts in groups of k samples of one prompt (GRPO-style): samples_per_epoch / k
+        prompts drawn from the env, each k times in a row."""
+        return [p for p in self.env.sample_prompts(self.cfg.samples_per_epoch // k) for _ in range(k)]
+
     def step_noise(self, step: int, shape: torch.Size) -> torch.Tensor | None:
         """The sampler noise z of denoising step `step` for a batch, or None: the policy draws it
         from `self.generator` (what every agent but one that designs its rollouts' noise does)."""

@@ -144,8 +144,7 @@ class DDPOAgent(Agent):
         `antithetic`), else the env's own prompt draws."""
         if prompts is None and self.cfg.group_size:
             k = self.cfg.group_size
-            distinct = self.env.sample_prompts(self.cfg.samples_per_epoch // k)
-            prompts = [p for p in distinct for _ in range(k)]
+            prompts = self.grouped_prompts(k)
             noise_group = k if self.cfg.shared_noise else 2 if self.cfg.antithetic else 1
             self._mirroring = self.cfg.antithetic
             try:

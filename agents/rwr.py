@@ -13,6 +13,11 @@ Weights (`reward_weights`): "reward" uses the reward itself as in Lee et al. (wh
 probabilities in [0, 1]); negative rewards are clamped to 0, since a negative weight would turn
 the regression into an unbounded ascent of the denoising error. "softmax" uses
 B * softmax(r / temperature) over the rollout (mean weight 1, scale-free in the reward).
+"group_top" collects groups of `group_size` samples of one prompt and keeps the best
+`top_fraction` of each group (weight 1 / top_fraction, the rest 0: mean weight 1), and the update
+regresses on the kept samples alone, each with weight 1: filtered fine-tuning on the best of n
+(RAFT, Dong et al. 2023; ReST-style), which moves the model towards the part of its own
+distribution that the reward ranks first, prompt by prompt, and is blind to the reward's scale.
 
 The generic `kl_coef` (AgentConfig) adds kl_coef * KL_t to the base model at one random sampler
 step of each minibatch's trajectories (0 by default: Lee et al. regularize with the pre-training
@@ -40,7 +45,7 @@ from t2i_rl.policy import encode_images
 
 from .base import Agent, AgentConfig, Rollout, minibatches
 
-WEIGHTINGS = ("reward", "softmax")
+WEIGHTINGS = ("reward", "softmax", "group_top")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -51,6 +56,11 @@ class RWRConfig(AgentConfig):
         "help": "per-sample weight of the denoising loss: 'reward' (Lee et al.: the reward itself, "
                 "negatives clamped to 0) or 'softmax' (B * softmax(reward / temperature) over the rollout)"})
     temperature: float = field(default=0.1, metadata={"help": "softmax temperature (weighting='softmax' only)"})
+    group_size: int = field(default=0, metadata={
+        "help": "samples per prompt collected together (0: the env's own prompt draws); weighting='group_top' "
+                "needs groups"})
+    top_fraction: float = field(default=0.25, metadata={
+        "help": "the share of each group kept, weight 1 / top_fraction (weighting='group_top' only)"})
     pretrain_beta: float = field(default=1.0, metadata={
         "help": "weight of the unweighted denoising loss on pre-training data (Lee et al.'s beta; 1.0 "
                 "as in the paper; 0: off)"})
@@ -74,6 +84,12 @@ class RWRConfig(AgentConfig):
                 self.pretrain_data == "shapes" or (Path(self.pretrain_data) / "captions.json").is_file()),
              "must be 'shapes' or a folder that holds captions.json"),
             ("inner_epochs", isinstance(self.inner_epochs, int) and self.inner_epochs >= 1, "must be an int >= 1"),
+            ("group_size", isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
+             and (self.group_size == 0 or self.group_size >= 2 and self.samples_per_epoch % self.group_size == 0),
+             f"must be 0 (off) or an int >= 2 dividing agent.samples_per_epoch ({self.samples_per_epoch})"),
+            ("top_fraction", 0 < self.top_fraction <= 1, "must be in (0, 1]"),
+            ("weighting", self.weighting != "group_top" or self.group_size >= 2,
+             "group_top needs agent.group_size >= 2 (the groups it ranks)"),
         ]
         for key, ok, rule in checks:
             if not ok:
@@ -81,13 +97,23 @@ class RWRConfig(AgentConfig):
 
 
 # ------------------------------------------------------------------------------ pure functions
-def reward_weights(rewards: torch.Tensor, weighting: str, temperature: float = 1.0) -> torch.Tensor:
-    """Per-sample weights [B] from rewards [B] (no gradient): see the module docstring."""
+def reward_weights(rewards: torch.Tensor, weighting: str, temperature: float = 1.0, group_size: int = 0,
+                   top_fraction: float = 1.0) -> torch.Tensor:
+    """Per-sample weights [B] from rewards [B] (no gradient): see the module docstring. For
+    "group_top" the rows are groups of `group_size` consecutive samples; ties keep the earlier row."""
     r = rewards.detach().float()
     if weighting == "reward":
         return r.clamp(min=0.0)
     if weighting == "softmax":
         return len(r) * torch.softmax(r / temperature, dim=0)
+    if weighting == "group_top":
+        if group_size < 2 or len(r) % group_size:
+            raise ValueError(f"group_top needs groups of >= 2 dividing the {len(r)} rewards, got {group_size}")
+        keep = max(1, round(top_fraction * group_size))
+        groups = r.view(-1, group_size)
+        order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :keep]
+        weights = torch.zeros_like(groups).scatter_(1, order, group_size / keep)
+        return weights.flatten()
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
@@ -176,16 +202,27 @@ class RWRAgent(Agent):
         images, prompts = self.pretrain_data.sample(self.cfg.pretrain_batch_size, self.generator)
         return encode_images(self.policy.pipe, images, self.generator), self.policy.encode_prompts(prompts)
 
-    # -- update ---------------------------------------------------------------------------
+    # -- collect and update ---------------------------------------------------------------
+    def collect(self, prompts: list[str] | None = None) -> Rollout:
+        """An epoch's samples, in groups of `group_size` samples of one prompt when set."""
+        if prompts is None and self.cfg.group_size:
+            prompts = self.grouped_prompts(self.cfg.group_size)
+        return super().collect(prompts)
+
     def update(self, rollout: Rollout) -> dict[str, float]:
         # 1. weights from the rewards, over every process's samples (a softmax spans the batch); this
         #    process keeps its rows
-        all_weights = reward_weights(distributed.gather(rollout.rewards), self.cfg.weighting, self.cfg.temperature)
+        all_weights = reward_weights(distributed.gather(rollout.rewards), self.cfg.weighting, self.cfg.temperature,
+                                     self.cfg.group_size, self.cfg.top_fraction)
         weights = distributed.local_rows(all_weights).to(rollout.latents.device)
+        rows = torch.arange(len(rollout))
+        if self.cfg.weighting == "group_top":  # the kept samples alone, each with weight 1
+            rows = torch.nonzero(weights > 0).flatten().cpu()
+            weights = torch.ones_like(weights)
         stats: dict[str, list[float]] = {"loss/reward_weighted": [], "loss/pretrain": [], "loss/kl_penalty": [],
                                          "policy/grad_norm": []}
         for _ in range(self.cfg.inner_epochs):
-            for idx in minibatches(len(rollout), self.cfg.train_batch_size, self.generator):
+            for idx in (rows[i] for i in minibatches(len(rows), self.cfg.train_batch_size, self.generator)):
                 # 2. the reward-weighted denoising loss on the samples' final latents
                 pred, target = self.policy.denoising_terms(rollout.latents[idx, -1], rollout.embeds[idx],
                                                             self.generator)

@@ -93,3 +93,39 @@ def test_caption_folder_pretrain_data(tmp_path):
 def test_bad_config_values_name_the_field(key, value):
     with pytest.raises(ValueError, match=f"agent.{key} = "):
         RWRConfig(**{key: value})
+
+
+def test_group_top_keeps_the_best_share_of_each_group():
+    r = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.2, 0.8, 0.0])  # two groups of 4
+    w = reward_weights(r, "group_top", group_size=4, top_fraction=0.5)
+    assert w.tolist() == [0.0, 2.0, 2.0, 0.0, 2.0, 0.0, 2.0, 0.0]  # a tie keeps the earlier row
+    assert w.mean().item() == pytest.approx(1.0)
+    assert reward_weights(r, "group_top", group_size=4, top_fraction=0.1).tolist() == [0, 4, 0, 0, 0, 0, 4, 0]
+    with pytest.raises(ValueError, match="group_top needs groups of >= 2 dividing the 8 rewards, got 3"):
+        reward_weights(r, "group_top", group_size=3)
+
+
+def test_group_top_collects_groups_and_trains_on_the_kept_samples_alone():
+    agent = make_agent(weighting="group_top", group_size=2, top_fraction=0.5, samples_per_epoch=4,
+                       train_batch_size=1, pretrain_beta=0.0)
+    rollout = agent.collect()
+    assert rollout.prompts[0] == rollout.prompts[1] and rollout.prompts[2] == rollout.prompts[3]
+    kept = reward_weights(rollout.rewards, "group_top", group_size=2, top_fraction=0.5) > 0
+    before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
+    stats = agent.update(rollout)
+    assert changed(agent, before)
+    assert len(agent.optimizer.state_dict()["state"]) and int(kept.sum()) == 2
+    steps = next(iter(agent.optimizer.state_dict()["state"].values()))["step"]
+    assert float(steps) == 2  # one optimizer step per kept sample (batch 1), none for the dropped ones
+    assert stats["rwr/weight_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"weighting": "group_top"}, "group_top needs agent.group_size >= 2"),
+    ({"group_size": 3, "samples_per_epoch": 4}, r"agent.group_size = 3 is invalid.*dividing agent.samples_per_epoch \(4\)"),
+    ({"group_size": 1}, "agent.group_size = 1 is invalid"),
+    ({"top_fraction": 0.0}, r"agent.top_fraction = 0.0 is invalid.*must be in \(0, 1\]"),
+])
+def test_group_settings_are_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        RWRConfig(**overrides)
