@@ -22,8 +22,12 @@ KL at an evaluation: the median of `policy/kl_to_base` over the training epochs 
 
 Head to head, as the TextNorm paper's human evaluation: the policies of each reward and of `raw`
 (the same agent and seed, so the same held-out prompts and noise) at the last evaluation, image by
-image on the judge's graded score (the fraction of the prompt's attributes right): win, tie or
-loss, pooled over the seeds, each with a 95% interval (bootstrap over the seed's prompts).
+image on the judge's graded score (the fraction of the prompt's attributes right, on every image,
+the unsure ones too: a person comparing two images compares them all): win, tie or loss, pooled
+over the seeds, each with a 95% interval from a bootstrap of the (seed, prompt) pairs. The
+interval is over prompts for these trained policies, not over training seeds: the per-seed
+win - loss beside it shows how much the seeds differ. A seed without both evaluations (a run
+stopped early) is left out, and the seeds column says how many remain.
 """
 
 from __future__ import annotations
@@ -133,7 +137,9 @@ def head_to_head(out: Path, agent: str, reward: str, baseline: str, seeds: list[
             groups.append(f"{seed}:{prompt}")
     if not outcome:
         return None
-    result = {"n": len(outcome), "seeds": len({g.split(":")[0] for g in groups})}
+    seeds_seen = list(dict.fromkeys(g.split(":")[0] for g in groups))
+    per_seed = [statistics.fmean(o for o, g in zip(outcome, groups) if g.split(":")[0] == s) for s in seeds_seen]
+    result = {"n": len(outcome), "seeds": len(seeds_seen), "net_per_seed": per_seed}
     for name, values in [("win", [float(o == 1) for o in outcome]), ("tie", [float(o == 0) for o in outcome]),
                          ("loss", [float(o == -1) for o in outcome]), ("net", [float(o) for o in outcome])]:
         result[name] = statistics.fmean(values)
@@ -147,14 +153,15 @@ def head_to_head_table(out: Path, agents: list[str], rewards: list[str], seeds: 
         low, high = r[f"{key}_ci"]
         return f"{100 * r[key]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
-    lines = [f"| agent | reward vs {baseline} | seeds | images | win | tie | loss | win - loss |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| agent | reward vs {baseline} | seeds | images | win | tie | loss | win - loss | win - loss per seed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for agent in agents:
         for reward in rewards:
             r = None if reward == baseline else head_to_head(out, agent, reward, baseline, seeds, epoch)
             if r is not None:
                 lines.append(f"| {agent} | {reward} | {r['seeds']} | {r['n']} | {pct(r, 'win')} | {pct(r, 'tie')} | "
-                             f"{pct(r, 'loss')} | {pct(r, 'net')} |")
+                             f"{pct(r, 'loss')} | {pct(r, 'net')} | "
+                             f"{', '.join(f'{100 * v:+.1f}%' for v in r['net_per_seed'])} |")
     return "\n".join(lines)
 
 

@@ -3,9 +3,13 @@
     python benchmarks/reward_controls.py --control oracle|anti [KEY=VALUE ...]
 
 The KEY=VALUE overrides are the training command's (`python -m t2i_rl.train`), for example
-`epochs=100 output_dir=runs/control-anti-seed0`. The run is the Trainer's, with every evaluation,
+`epochs=100`; the run folder is `runs/control-<control>-seed<seed>` unless `output_dir` is given,
+and its config records `control`, so that no training command resumes it as a run of its own
+reward (nor a control the default run's folder). The run is the Trainer's, with every evaluation,
 diagnostic and checkpoint; only the reward that the agent optimizes is replaced, in the training
-env and in the evaluation envs (so `eval/*/proxy` is the control's reward):
+env and in the evaluation envs (so `eval/*/proxy` is the control's reward). For the agents that
+read the env's reward when they sample (`AGENTS`): ReFL and DRaFT need a differentiable reward and
+SB3 copies the reward into an env of its own.
 
 - `oracle`: the judge's score (the fraction of the prompt's attributes that hold), what a proxy
   that agreed with gold on every image would give. An oracle run that gains no more gold than the
@@ -33,6 +37,7 @@ from t2i_rl.rewards.base import RewardFunction, RewardOutput  # noqa: E402
 from t2i_rl.rewards.gold import GoldReward  # noqa: E402
 
 CONTROLS = ("oracle", "anti")
+AGENTS = ("ddpo", "dpok", "ddpo_trl", "rwr")
 
 
 class JudgeReward(RewardFunction):
@@ -58,15 +63,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="the training command's KEY=VALUE overrides")
     args = parser.parse_args(argv)
 
-    from t2i_rl.train import Trainer, precheck
-
-    validated = precheck(args.overrides)
     from hydra import compose, initialize_config_dir
 
     from t2i_rl import CONFIG_DIR
+    from t2i_rl.train import Trainer, precheck
 
+    overrides = [*args.overrides, f"+control={args.control}"]
+    if not any(o.startswith("output_dir=") for o in overrides):
+        overrides.append(f"output_dir=runs/control-{args.control}-seed${{seed}}")
+    validated = precheck(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args.overrides)
+        cfg = compose(config_name="config", overrides=overrides)
+    if cfg.agent.name not in AGENTS:
+        raise SystemExit(f"error: agent={cfg.agent.name} is invalid for a reward control: it must read the env's "
+                         f"reward as it samples ({', '.join(AGENTS)})")
     trainer = Trainer(cfg, validated)
     reward = JudgeReward(args.control)
     for env in [trainer.env, *(env for _, _, env in trainer.eval_sets.values())]:

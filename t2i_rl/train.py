@@ -183,6 +183,13 @@ def uses_shapes_contrastive(spec: Any) -> bool:
     return isinstance(spec, list) and any(uses_shapes_contrastive(v) for v in spec)
 
 
+def names_the_judge(spec: Any) -> bool:
+    """Whether a reward spec is, or holds, the gold judge."""
+    if isinstance(spec, dict):
+        return spec.get("name") == "gold" or any(names_the_judge(v) for v in spec.values())
+    return spec == "gold" or isinstance(spec, list) and any(names_the_judge(v) for v in spec)
+
+
 def check_prompts(cfg: DictConfig) -> None:
     """Read the prompt files of env.prompts and eval.prompts now (a missing or unreadable one fails
     here, not after the models load) and, when the judge or a `shapes` contrastive source will parse
@@ -218,6 +225,10 @@ def validate(cfg: DictConfig):
     from agents import agent_class
 
     check_run_settings(cfg)
+    if names_the_judge(OmegaConf.to_container(cfg.env, resolve=True)["reward"]):
+        raise ValueError(f"env.reward = {OmegaConf.select(cfg, 'env.reward')} is invalid: the judge (gold) is what "
+                         "the proxies are measured against and is never optimized; `python "
+                         "benchmarks/reward_controls.py --control oracle` trains on it as a control of the optimizer")
     check_output_dir(cfg.output_dir)
     if distributed.launched_rank() == 0:
         check_run_folder(cfg)

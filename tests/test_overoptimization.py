@@ -71,7 +71,7 @@ def test_head_to_head_counts_wins_ties_and_losses_image_by_image(tmp_path):
     r = head_to_head(tmp_path, "ddpo", "textnorm", "raw", [0, 1, 2], 5)  # seed 2 has no runs: left out
     assert (r["n"], r["seeds"]) == (6, 2)
     assert (r["win"], r["tie"], r["loss"]) == pytest.approx((3 / 6, 2 / 6, 1 / 6))
-    assert r["net"] == pytest.approx(2 / 6)
+    assert r["net"] == pytest.approx(2 / 6) and r["net_per_seed"] == pytest.approx([1 / 4, 1 / 2])
     for key in ("win", "tie", "loss", "net"):
         low, high = r[f"{key}_ci"]
         assert low <= r[key] <= high

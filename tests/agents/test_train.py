@@ -250,6 +250,8 @@ def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tiny_assets, tmp_path):
     (["eval.num_prompts=100", "eval.batch_size=64"], "eval.num_prompts = 100 is invalid"),
     (["eval.train_images=100", "eval.batch_size=64"], "eval.train_images = 100 is invalid"),
     (["env.prompts=file:/nonexistent/prompts.txt"], "prompt file /nonexistent/prompts.txt does not exist"),
+    (["env.reward=gold"], "env.reward = gold is invalid: the judge (gold) is what the proxies are measured against"),
+    (["env=ensemble", "env.reward.members=[clip,gold]"], "the judge (gold) is what the proxies are measured"),
 ])
 def test_invalid_config_gives_one_error_line_and_no_work(tmp_path, args, message, refused_by_train):
     out = tmp_path / "run"
