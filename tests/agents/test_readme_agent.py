@@ -35,6 +35,8 @@ def test_the_readme_agent_trains_with_the_loss_it_states(example, tiny_agent):
     assert any(not torch.equal(a, b) for a, b in zip(agent.params, before)), "the update changed nothing"
 
 
-def test_the_readme_agent_refuses_a_bad_step(example):
+def test_the_readme_agent_refuses_a_bad_step(example, tiny_agent):
     with pytest.raises(ValueError, match=r"agent.trained_step = -1 is invalid: must be an int >= 0"):
         example.PGConfig(trained_step=-1)
+    with pytest.raises(ValueError, match=r"agent.trained_step = 3 is invalid: the sampler has 3 steps"):
+        tiny_agent(example.PGAgent, trained_step=3)
