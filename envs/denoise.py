@@ -374,7 +374,7 @@ class DenoiseEnv(gym.Env):
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
         self.np_random.bit_generator.state = state["np"]
-        self.vec.set_rng_state({"np": state["np"], "torch": state["torch"]})
+        self.vec.set_rng_state(state)
 
     @staticmethod
     def _single(obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

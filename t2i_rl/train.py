@@ -169,6 +169,15 @@ def check_run_folder(cfg: DictConfig) -> None:
                          "continues it with this config, another output_dir starts afresh")
 
 
+def any_spec(spec: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether `test` holds for a reward spec or for any spec nested in it (mappings and lists)."""
+    if test(spec):
+        return True
+    if isinstance(spec, dict):
+        return any(any_spec(v, test) for v in spec.values())
+    return isinstance(spec, list) and any(any_spec(v, test) for v in spec)
+
+
 def uses_shapes_contrastive(spec: Any) -> bool:
     """Whether a reward spec holds a TextNorm whose contrastive prompts come from ShapesWorld's
     grammar (its default, also as a fallback)."""
@@ -176,18 +185,13 @@ def uses_shapes_contrastive(spec: Any) -> bool:
         return source == "shapes" or isinstance(source, dict) and (
             source.get("name") == "shapes" or shapes(source.get("fallback")))
 
-    if isinstance(spec, dict):
-        if spec.get("name") == "textnorm" and shapes(spec.get("contrastive", DEFAULT_CONTRASTIVE)):
-            return True
-        return any(uses_shapes_contrastive(v) for v in spec.values())
-    return isinstance(spec, list) and any(uses_shapes_contrastive(v) for v in spec)
+    return any_spec(spec, lambda s: isinstance(s, dict) and s.get("name") == "textnorm"
+                    and shapes(s.get("contrastive", DEFAULT_CONTRASTIVE)))
 
 
 def names_the_judge(spec: Any) -> bool:
     """Whether a reward spec is, or holds, the gold judge."""
-    if isinstance(spec, dict):
-        return spec.get("name") == "gold" or any(names_the_judge(v) for v in spec.values())
-    return spec == "gold" or isinstance(spec, list) and any(names_the_judge(v) for v in spec)
+    return any_spec(spec, lambda s: s == "gold" or isinstance(s, dict) and s.get("name") == "gold")
 
 
 def check_prompts(cfg: DictConfig) -> None:
