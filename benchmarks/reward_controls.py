@@ -63,21 +63,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="the training command's KEY=VALUE overrides")
     args = parser.parse_args(argv)
 
-    from hydra import compose, initialize_config_dir
-
-    from t2i_rl import CONFIG_DIR
-    from t2i_rl.train import Trainer, precheck
+    from t2i_rl.train import Trainer, compose_config, validate
 
     overrides = [*args.overrides, f"+control={args.control}"]
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append(f"output_dir=runs/control-{args.control}-seed${{seed}}")
-    validated = precheck(overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides)  # once: validated and trained as composed
     if cfg.agent.name not in AGENTS:
         raise SystemExit(f"error: agent={cfg.agent.name} is invalid for a reward control: it must read the env's "
                          f"reward as it samples ({', '.join(AGENTS)})")
-    trainer = Trainer(cfg, validated)
+    trainer = Trainer(cfg, validate(cfg))
     reward = JudgeReward(args.control)
     for env in [trainer.env, *(env for _, _, env in trainer.eval_sets.values())]:
         env.reward_fn = reward

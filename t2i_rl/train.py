@@ -641,6 +641,11 @@ def hydra_entry(validated: tuple | None = None) -> Callable[[], None]:
 def precheck(argv: list[str]) -> tuple:
     """Compose and validate the config as Hydra will, so that any mistake is one line, not a page;
     returns what `validate` returned."""
+    return validate(compose_config(argv))
+
+
+def compose_config(argv: list[str]) -> DictConfig:
+    """The config of these overrides, composed as Hydra composes it; a bad override is one line."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -651,7 +656,7 @@ def precheck(argv: list[str]) -> tuple:
             cfg = compose(config_name="config", overrides=argv)
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(str(err).splitlines()[0]) from None
-    return validate(cfg)
+    return cfg
 
 
 def main() -> None:
