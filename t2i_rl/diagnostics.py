@@ -80,19 +80,20 @@ class HackDetector:
 
 @dataclass
 class EarlyStopper:
-    """Stops when the held-out gold falls for `patience` evaluations in a row while the proxy rises."""
+    """Stops when the watched score (a held-out monitor reward model, or gold in a study) falls for
+    `patience` evaluations in a row while the optimized proxy rises over them."""
 
     patience: int = 3
     history: list[tuple[float, float]] = field(default_factory=list)
 
-    def update(self, gold: float, proxy: float) -> bool:
-        self.history.append((gold, proxy))
+    def update(self, watched: float, proxy: float) -> bool:
+        self.history.append((watched, proxy))
         if len(self.history) <= self.patience:
             return False
         recent = self.history[-(self.patience + 1):]
-        golds = [g for g, _ in recent]
+        scores = [w for w, _ in recent]
         proxies = [p for _, p in recent]
-        return all(b < a for a, b in zip(golds, golds[1:])) and proxies[-1] > proxies[0]
+        return all(b < a for a, b in zip(scores, scores[1:])) and proxies[-1] > proxies[0]
 
 
 def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 2) -> torch.Tensor:

@@ -79,6 +79,9 @@ def _is_device(value: Any) -> bool:
     return device.type == "cpu" or device.type == "mps" and torch.backends.mps.is_available()
 
 
+# what early stopping and checkpoints/best watch: the held-out evaluation's score of each choice
+WATCHED = {"monitor": "eval/heldout/monitor", "gold": "eval/heldout/gold_correct"}
+
 # (key, test, rule): the run's own settings, each tested for its type as well as its range
 RUN_SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", _is_int, "an int"),
@@ -103,6 +106,7 @@ RUN_SETTINGS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("samples.every", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: no sample grids)"),
     ("samples.num", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("early_stop.enabled", lambda v: isinstance(v, bool), "true or false"),
+    ("early_stop.watch", lambda v: v in WATCHED, f"one of {', '.join(WATCHED)}"),
     ("early_stop.patience", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("health.max_bad_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
 ]
@@ -194,6 +198,41 @@ def names_the_judge(spec: Any) -> bool:
     return any_spec(spec, lambda s: s == "gold" or isinstance(s, dict) and s.get("name") == "gold")
 
 
+def leaf_models(spec: Any) -> set[tuple[str, str]]:
+    """The (name, path) of every model a reward spec scores with (ensemble members, TextNorm bases)."""
+    if isinstance(spec, str):
+        return {(spec, "")} if spec not in ("ensemble", "textnorm") else set()
+    if isinstance(spec, dict):
+        if spec.get("name") == "ensemble":
+            return set().union(*(leaf_models(m) for m in spec.get("members") or []))
+        if spec.get("name") == "textnorm":
+            return leaf_models(spec.get("base"))
+        return {(str(spec.get("name")), str(spec.get("path") or ""))}
+    return set()
+
+
+def check_monitor(cfg: DictConfig) -> None:
+    """env.monitor stands for what a user has in place of gold: a reward model the run does not
+    optimize, and not the judge; early stopping needs what it watches, on held-out prompts."""
+    env = OmegaConf.to_container(cfg.env, resolve=True)
+    monitor = env.get("monitor")
+    if monitor is not None:
+        if names_the_judge(monitor):
+            raise ValueError(f"env.monitor = {monitor} is invalid: the judge is gold, which a user does not have; "
+                             "early_stop.watch=gold watches it")
+        shared = leaf_models(monitor) & leaf_models(env["reward"])
+        if shared:
+            raise ValueError(f"env.monitor = {monitor} is invalid: the optimized reward env.reward scores with "
+                             f"{', '.join(sorted(n for n, _ in shared))} too, so the monitor would climb with the "
+                             "proxy; name a model outside it (e.g. {name:clip,path:rewards-web/clip})")
+    if cfg.early_stop.enabled:
+        key, value = {"monitor": ("env.monitor", monitor), "gold": ("env.gold", env.get("gold"))}[cfg.early_stop.watch]
+        if value is None:
+            raise ValueError(f"early_stop.watch = {cfg.early_stop.watch} needs {key}, which is null")
+        if not cfg.eval.num_prompts:
+            raise ValueError("early_stop.enabled = true needs held-out prompts to watch, but eval.num_prompts = 0")
+
+
 def check_prompts(cfg: DictConfig) -> None:
     """Read the prompt files of env.prompts and eval.prompts now (a missing or unreadable one fails
     here, not after the models load) and, when the judge or a `shapes` contrastive source will parse
@@ -233,6 +272,7 @@ def validate(cfg: DictConfig):
         raise ValueError(f"env.reward = {OmegaConf.select(cfg, 'env.reward')} is invalid: the judge (gold) is what "
                          "the proxies are measured against and is never optimized; `python "
                          "benchmarks/reward_controls.py --control oracle` trains on it as a control of the optimizer")
+    check_monitor(cfg)
     check_output_dir(cfg.output_dir)
     if distributed.launched_rank() == 0:
         check_run_folder(cfg)
@@ -331,6 +371,7 @@ class Trainer:
                              vae_slicing=model.vae_slicing)
         reward = make_reward(cfg.env.reward, device)  # on the run's device, as the images it scores
         gold = make_reward(cfg.env.gold, device) if cfg.env.gold else None
+        self.monitor = make_reward(cfg.env.monitor, device) if cfg.env.monitor else None
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         local = agent_cfg.per_process(world)
@@ -363,7 +404,8 @@ class Trainer:
                 self.eval_sets[name] = (prompts, seed, env)
         self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
         self.stopper = EarlyStopper(cfg.early_stop.patience)
-        self.best_gold = -1.0
+        self.watched = WATCHED[cfg.early_stop.watch]
+        self.best_score = -math.inf
         self.start_epoch = 0
         seed = distributed.rank_seed(cfg.seed)
         self.env.reset(seed=seed)
@@ -468,6 +510,8 @@ class Trainer:
         # the package's sampler for every agent (TRL's and SB3's too), with noise of the set's own
         rollout = run_episodes(eval_env, self.policy, len(mine), torch.Generator().manual_seed(seed), mine)
         values = {"proxy": rollout.rewards}
+        if self.monitor is not None:
+            values["monitor"] = self.monitor(rollout.images, mine).scores
         if "gold/score" in rollout.info:
             values.update(gold=rollout.info["gold/score"], gold_correct=rollout.info["gold/correct"],
                           gold_unsure=rollout.info["gold/unsure"])
@@ -497,12 +541,12 @@ class Trainer:
             self.logger.log(epoch, metrics)
             bar.set_postfix(proxy=f"{metrics.get('reward/proxy', float('nan')):.3f}",
                             gold=f"{metrics.get('reward/gold', float('nan')):.3f}")
-            stop = "eval/heldout/gold" in metrics and cfg.early_stop.enabled and self.stopper.update(
-                metrics["eval/heldout/gold"], metrics["eval/heldout/proxy"])
+            stop = self.watched in metrics and cfg.early_stop.enabled and self.stopper.update(
+                metrics[self.watched], metrics["eval/heldout/proxy"])
             self._save_last(epoch)
             if stop:
-                tqdm.write(f"early stop at epoch {epoch}: held-out gold fell for {cfg.early_stop.patience} "
-                           "evaluations while the proxy rose; the best-gold checkpoint is checkpoints/best")
+                tqdm.write(f"early stop at epoch {epoch}: {self.watched} fell for {cfg.early_stop.patience} "
+                           "evaluations while the proxy rose; checkpoints/best holds the evaluation best on it")
                 break
             if cfg.budget_minutes and epoch < cfg.epochs - 1:
                 # every process stops after the same epoch: the slowest one's clock decides
@@ -521,15 +565,15 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save_if_best(self, epoch: int, scores: dict[str, float]) -> None:
-        """`checkpoints/best` when the evaluation `scores` of epoch `epoch` beat the best held-out
-        all-correct so far: saved right after the evaluation, before the epoch's update, so that it
+        """`checkpoints/best` when the evaluation `scores` of epoch `epoch` beat the best held-out score
+        that early stopping watches (`early_stop.watch`) so far: saved right after the evaluation, before the epoch's update, so that it
         holds the weights that earned them, with the scores and that epoch as its trainer state."""
         from t2i_rl.checkpoint import save_checkpoint
 
-        score = scores.get("eval/heldout/gold_correct", math.nan)
-        if not score > self.best_gold:
+        score = scores.get(self.watched, math.nan)
+        if not score > self.best_score:
             return
-        self.best_gold = score
+        self.best_score = score
         if self.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / "best", self.policy, {"epoch": epoch, "scores": scores})
 
@@ -557,7 +601,7 @@ class Trainer:
         self.hacks.threshold = state["hack_threshold"]
         self.stopper.history = state["stopper"]
         best = find_checkpoint(path.parent / "best")  # its score: the final evaluation's may be newer than `last`
-        self.best_gold = load_trainer_state(best)["scores"]["eval/heldout/gold_correct"] if best else -1.0
+        self.best_score = load_trainer_state(best)["scores"].get(self.watched, -math.inf) if best else -math.inf
         self.start_epoch = state["epoch"] + 1
         rank, rank_rngs = distributed.rank(), state.get("rank_rngs", [])
         if rank < len(rank_rngs):

@@ -17,7 +17,8 @@ def _run_in_an_empty_folder(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
-    """A tiny SD pipeline and tiny proxy reward models on disk: {"pipeline": dir, "clip": dir, ...}."""
+    """A tiny SD pipeline and tiny proxy reward models on disk: {"pipeline": dir, "clip": dir, ...}; "monitor"
+    is one more CLIP-style model, outside every tiny reward, for env.monitor."""
     from t2i_rl.rewards import LeeReward, PairwiseReward, ShapesCLIP
 
     root = tmp_path_factory.mktemp("tiny")
@@ -27,7 +28,8 @@ def tiny_assets(tmp_path_factory):
     clip.save_pretrained(root / "clip")
     LeeReward.build(clip, seed=1).save_pretrained(root / "lee")
     PairwiseReward.build(clip, seed=2).save_pretrained(root / "pairwise")
-    return {name: str(root / name) for name in ("pipeline", "clip", "lee", "pairwise")}
+    ShapesCLIP.build(seed=3).save_pretrained(root / "monitor")  # a CLIP-style model no tiny proxy uses
+    return {name: str(root / name) for name in ("pipeline", "clip", "lee", "pairwise", "monitor")}
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@
     make_reward({"name": "pickscore", "path": "/models/PickScore_v1", "processor": "/models/CLIP-H",
                  "dtype": "float16"})
 
-The learned models load from `path`, or from the shipped weights in `REWARD_ASSETS/<name>/`; the
+The learned models load from `path` (a folder; a relative one not found from here is looked up under
+the package's assets, so "rewards-web/clip" names the shipped web-caption model), or from the shipped
+weights in `REWARD_ASSETS/<name>/`; the
 published ones (`PRETRAINED`: clipscore, pickscore, imagereward, hpsv2, blip2, aesthetic) from `path`
 (a local folder or a hub id; default their canonical hub id) in `dtype`.
 """
@@ -57,6 +59,13 @@ def _shipped(name: str) -> Path:
     return path
 
 
+def _learned_path(path: str) -> Path:
+    """A learned model's folder: as given, else (a relative path not found here) under the assets."""
+    given = Path(path).expanduser()
+    under_assets = REWARD_ASSETS.parent / given
+    return under_assets if not given.exists() and not given.is_absolute() and under_assets.exists() else given
+
+
 def make_reward(spec, device: str = "cpu") -> RewardFunction:
     """A reward from a name ("clip", "lee", "pairwise", "gold") or a spec with a "name" key."""
     if isinstance(spec, RewardFunction):
@@ -79,7 +88,7 @@ def make_reward(spec, device: str = "cpu") -> RewardFunction:
 
     if name in LEARNED:
         path = spec.get("path")
-        return LEARNED[name].from_pretrained(Path(path) if path else _shipped(name), device=device)
+        return LEARNED[name].from_pretrained(_learned_path(path) if path else _shipped(name), device=device)
     if name in PRETRAINED:
         return PRETRAINED[name].from_pretrained(device=device, **{k: v for k, v in spec.items() if k != "name"})
     if name == "gold":

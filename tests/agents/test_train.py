@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from agents import AGENTS
+from t2i_rl.rewards import make_reward
 from t2i_rl.rewards.pretrained import PRETRAINED, save_tiny_reward
 from t2i_rl.train import CONFIG_DIR, Trainer, group_options, run, validate
 
@@ -17,7 +18,7 @@ ENVS = group_options("env")
 RUN_ENVS = [e for e in ENVS if e not in PRETRAINED] + ["imagereward"]
 # every evaluation's tags: both sets, three scores and the judge's unsure share, each with its 95% interval
 EVAL_TAGS = {f"eval/{s}/{k}{ci}" for s in ("train", "heldout")
-             for k in ("proxy", "gold", "gold_correct", "gold_unsure") for ci in ("", "/ci_low", "/ci_high")}
+             for k in ("proxy", "gold", "gold_correct", "gold_unsure", "monitor") for ci in ("", "/ci_low", "/ci_high")}
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +59,7 @@ def tiny_overrides(assets, run_dir, agent="ddpo", env="textnorm", epochs=1, pret
         "eval.num_prompts=4", "eval.train_images=4", "eval.batch_size=4", "eval.every=1",
         "samples.every=1", "samples.num=4",
         "diagnostics.kl_samples=2", f"agent.lora_rank={lora_rank}", *tiny_agent_overrides(agent),
+        f"env.monitor={{name:clip,path:'{assets['monitor']}'}}" if env not in PRETRAINED else "env.monitor=null",
     ], reward
 
 
@@ -226,6 +228,33 @@ def test_evaluation_uses_fixed_noise_and_reports_its_intervals(tiny_assets, tmp_
     assert record["train"]["prompts"] == train_prompts
     assert record["train"]["gold"] == pytest.approx(scores.tolist())
     assert set(record) == {"train", "heldout"} and len(record["heldout"]["proxy"]) == 4
+    # the monitor: the held-out reward model's own scores of those images, with their interval
+    monitor = make_reward({"name": "clip", "path": tiny_assets["monitor"]})(images[1], trainer.eval_sets["heldout"][0])
+    assert record["heldout"]["monitor"] == pytest.approx(monitor.scores.double().tolist())
+    assert first["eval/heldout/monitor"] == pytest.approx(float(monitor.scores.double().mean()))
+    assert first["eval/heldout/monitor/ci_low"] <= first["eval/heldout/monitor"] <= first["eval/heldout/monitor/ci_high"]
+
+
+@pytest.mark.parametrize("watch", ["monitor", "gold"])
+def test_early_stop_watches_its_score_and_says_so(tiny_assets, tmp_path, watch, capsys):
+    """The run stops after the evaluation at which the watched held-out score has fallen `patience`
+    times in a row while the proxy rose; a score that only rises never stops it."""
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run", epochs=6)
+    trainer = Trainer(compose_cfg(([*overrides, "early_stop.enabled=true", f"early_stop.watch={watch}",
+                                    "early_stop.patience=2"], reward)))
+    key = {"monitor": "eval/heldout/monitor", "gold": "eval/heldout/gold_correct"}[watch]
+    evaluate = trainer.evaluate
+
+    def scripted(epoch):  # the watched score falls from epoch 1 on while the proxy rises
+        out = evaluate(epoch)
+        out.update({key: 1.0 - 0.1 * epoch, "eval/heldout/proxy": 0.1 * epoch})
+        return out
+    trainer.evaluate = scripted
+    trainer.fit()
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(epochs) == 3  # evaluations 0, 1, 2: fallen twice at 2; the final evaluation is logged as epoch 3
+    printed = capsys.readouterr()
+    assert f"early stop at epoch 2: {key} fell for 2 evaluations" in printed.out + printed.err
 
 
 def test_lora_checkpoint_loads_into_a_diffusers_pipeline(tiny_assets, tmp_path):

@@ -99,3 +99,18 @@ def test_the_shipped_web_trained_proxies_load_and_score(batch):
         assert isinstance(reward, cls) and scores.shape == (len(prompts),) and torch.isfinite(scores).all()
     trained = OmegaConf.load(web / "rewards_config.yaml")
     assert trained.clip.captions == "web" and trained.pairwise.labels == "simulated"
+
+
+def test_a_relative_path_not_found_here_is_looked_up_under_the_assets(batch, tmp_path, monkeypatch):
+    """"rewards-web/clip" names the shipped web-caption model from any working folder; a folder of
+    that name here is taken first, and a path found in neither place is named in the error."""
+    images, prompts = batch
+    monkeypatch.chdir(tmp_path)
+    web = make_reward({"name": "clip", "path": "rewards-web/clip"})
+    same = make_reward({"name": "clip", "path": str(registry.REWARD_ASSETS.parent / "rewards-web" / "clip")})
+    assert torch.equal(web(images, prompts).scores, same(images, prompts).scores)
+    make_reward("clip").save_pretrained(tmp_path / "rewards-web" / "clip")  # the shipped default model, here
+    here = make_reward({"name": "clip", "path": "rewards-web/clip"})
+    assert torch.equal(here(images, prompts).scores, make_reward("clip")(images, prompts).scores)
+    with pytest.raises(FileNotFoundError, match="nowhere/clip"):
+        make_reward({"name": "clip", "path": "nowhere/clip"})
