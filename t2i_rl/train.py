@@ -371,7 +371,8 @@ class Trainer:
                              vae_slicing=model.vae_slicing)
         reward = make_reward(cfg.env.reward, device)  # on the run's device, as the images it scores
         gold = make_reward(cfg.env.gold, device) if cfg.env.gold else None
-        self.monitor = make_reward(cfg.env.monitor, device) if cfg.env.monitor else None
+        with torch.random.fork_rng():  # a diagnostic: building it (a head's init) leaves the run's random stream alone
+            self.monitor = make_reward(cfg.env.monitor, device) if cfg.env.monitor else None
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
         local = agent_cfg.per_process(world)

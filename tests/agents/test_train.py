@@ -309,3 +309,19 @@ def test_an_epoch_smaller_than_env_batch_size_is_denoised_at_once(tiny_assets, t
     assert trainer.env.num_envs == 4
     rollout = trainer.agent.collect()
     assert len(rollout) == 4
+
+
+def test_the_monitor_leaves_the_runs_random_stream_alone(tiny_assets, tmp_path):
+    """Building env.monitor (a pairwise head draws its init) and scoring with it change nothing the
+    run trains: the same LoRA init and the same epoch as without a monitor."""
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "with")
+    watched = Trainer(compose_cfg(([*overrides, f"env.monitor={{name:pairwise,path:'{tiny_assets['pairwise']}'}}"], reward)))
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "without")
+    plain = Trainer(compose_cfg(([*overrides, "env.monitor=null"], reward)))
+    assert watched.monitor is not None and plain.monitor is None
+    for a, b in zip(watched.policy.trainable_parameters(), plain.policy.trainable_parameters()):
+        assert torch.equal(a, b)
+    assert "eval/heldout/monitor" in watched.evaluate(0) and "eval/heldout/monitor" not in plain.evaluate(0)
+    one, two = watched.epoch(0), plain.epoch(0)
+    for key in ("reward/proxy", "loss/policy", "policy/kl_to_base"):
+        assert one[key] == two[key], key
