@@ -66,9 +66,10 @@ def kl_at(rows: list[dict], epoch: int) -> float:
     return statistics.median(near) if near else 0.0
 
 
-def curve(run: Path) -> list[dict]:
-    """One point per evaluation: epoch, KL at it, train and held-out gold, train proxy."""
-    rows = read_metrics(run)
+def curve(run: Path, until: int | None = None) -> list[dict]:
+    """One point per evaluation up to epoch `until` (all if None): epoch, KL at it, train and
+    held-out gold, train proxy. A cell continued past the grid's epochs is summarized as the grid's."""
+    rows = [r for r in read_metrics(run) if until is None or r["epoch"] <= until]
     return [{"epoch": r["epoch"], "kl": kl_at(rows, r["epoch"]), "train_gold": r["eval/train/gold_correct"],
              "heldout_gold": r.get("eval/heldout/gold_correct"), "proxy": r["eval/train/proxy"]}
             for r in rows if r.get("eval/train/gold_correct") is not None]
@@ -101,12 +102,12 @@ def spread(values: list[float], scale: float, digits: int) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def table(out: Path, agents: list[str], rewards: list[str], seeds: list[int]) -> str:
+def table(out: Path, agents: list[str], rewards: list[str], seeds: list[int], epochs: int | None = None) -> str:
     lines = ["| agent | reward | seeds | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
              "|---|---|---:|" + "---:|" * len(COLUMNS)]
     for agent in agents:
         for reward in rewards:
-            points = [curve(cell(out, agent, reward, s)) for s in seeds]
+            points = [curve(cell(out, agent, reward, s), epochs) for s in seeds]
             summaries = [cell_summary(p) for p in points if len(p) >= 2]
             cells = " | ".join(spread([s[key] for s in summaries], scale, digits) for key, _, scale, digits in COLUMNS)
             lines.append(f"| {agent} | {reward} | {len(summaries)} | {cells} |")
@@ -165,7 +166,7 @@ def head_to_head_table(out: Path, agents: list[str], rewards: list[str], seeds: 
     return "\n".join(lines)
 
 
-def plot(out: Path, agent: str, rewards: list[str], seeds: list[int], path: Path) -> None:
+def plot(out: Path, agent: str, rewards: list[str], seeds: list[int], path: Path, epochs: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +180,7 @@ def plot(out: Path, agent: str, rewards: list[str], seeds: list[int], path: Path
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, reward in enumerate(rewards):
         for j, seed in enumerate(seeds):
-            points = curve(cell(out, agent, reward, seed))
+            points = curve(cell(out, agent, reward, seed), epochs)
             if not points:
                 continue
             for ax, (x, y, _) in zip(axes, panels):
@@ -228,14 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             f"`python benchmarks/overoptimization.py {given}`; "
             f"runs in `{args.out}`. Gold: the judge's all-correct on the fixed-noise evaluation images "
             "(train: the training prompts; held-out: held-out prompts); mean over seeds (min–max).", "",
-            table(args.out, args.agents, args.rewards, args.seeds), "",
+            table(args.out, args.agents, args.rewards, args.seeds, args.epochs), "",
             f"Head to head at epoch {args.epochs}: each reward's policy against raw's, held-out prompts, the "
             "judge's graded score image by image (same seed: same prompts and noise); 95% intervals, bootstrap "
             "over prompts.", "",
             head_to_head_table(args.out, args.agents, args.rewards, args.seeds, args.epochs), ""]
     for agent in args.agents:
         png = args.doc.parent / f"overoptimization_{agent}.png"
-        plot(args.out, agent, args.rewards, args.seeds, png)
+        plot(args.out, agent, args.rewards, args.seeds, png, args.epochs)
         body += [f"![{agent}: gold and proxy against KL and epochs, per reward]({png.name})", ""]
     args.doc.write_text("\n".join(body))
     print(args.doc.read_text())

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.overoptimization import cell, cell_summary, head_to_head, main, read_metrics
+from benchmarks.overoptimization import cell, cell_summary, curve, head_to_head, main, read_metrics
 
 
 def tiny(assets) -> list[str]:
@@ -44,6 +44,17 @@ def test_cell_summary_finds_the_peak_and_the_end():
     assert (s["peak_gold"], s["peak_epoch"], s["peak_kl"], s["peak_heldout"]) == (0.7, 25, 30.0, 0.38)
     assert (s["end_gold"], s["end_proxy"], s["end_kl"], s["base_gold"]) == (0.6, 0.4, 90.0, 0.5)
     assert json.dumps(s)  # plain numbers, as the table prints them
+
+
+def test_a_cell_continued_past_the_grid_is_summarized_up_to_the_grids_epochs(tmp_path):
+    run = tmp_path / "cell"
+    run.mkdir()
+    rows = [{"epoch": e, "eval/train/gold_correct": g, "eval/heldout/gold_correct": g, "eval/train/proxy": e / 100}
+            for e, g in [(0, 0.5), (10, 0.6), (20, 0.4)]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["epoch"] for p in curve(run)] == [0, 10, 20]
+    assert [p["epoch"] for p in curve(run, 10)] == [0, 10]
+    assert cell_summary(curve(run, 10))["end_gold"] == 0.6
 
 
 def test_bad_arguments_get_one_error_line_and_run_nothing(tmp_path, capsys):
