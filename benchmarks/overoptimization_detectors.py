@@ -14,7 +14,8 @@ it finds the damage, then asks each detector when it fired:
   training epoch at which its mean over the last 5 epochs exceeds its mean over epochs 0-4 by 0.05;
 - **early stopping on a monitor** (`early_stop.watch=monitor`, what a user has): the package's
   `EarlyStopper` replayed over the evaluations, on the held-out score of a reward model the run did
-  not optimize and the run's held-out proxy. The monitors' scores are computed here from the
+  not optimize and the run's proxy on its training prompts (where it is optimized: a policy that
+  overfits its prompts lowers the proxy on held-out prompts too). The monitors' scores are computed here from the
   evaluation images the run saved (evals/epochNNNN.npz), so runs made before `env.monitor` existed
   are measured too; a monitor the run's reward scores with is not held out and is left out;
 - **early stopping on gold** (`early_stop.watch=gold`): the same rule on held-out gold, the bound a
@@ -109,7 +110,7 @@ def measure(run: Path, patiences: list[int], drop: float, models: dict, split: s
     evals = evaluations(rows)
     epochs = [r["epoch"] for r in evals]
     gold = [r[f"eval/{split}/gold_correct"] for r in evals]
-    proxy = [r["eval/heldout/proxy"] for r in evals]
+    proxy = [r.get("eval/train/proxy", r["eval/heldout/proxy"]) for r in evals]  # as the Trainer's stopper
     hurt = damage(epochs, gold, drop)
     by_epoch = dict(zip(epochs, gold))
     detectors = {"hacked_frac": {"fired": hacked_rise(rows), "kept_gold": None}}

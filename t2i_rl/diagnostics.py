@@ -81,7 +81,8 @@ class HackDetector:
 @dataclass
 class EarlyStopper:
     """Stops when the watched score (a held-out monitor reward model, or gold in a study) falls for
-    `patience` evaluations in a row while the optimized proxy rises over them."""
+    `patience` evaluations in a row while the optimized proxy (on the prompts it is optimized on)
+    rises over them."""
 
     patience: int = 3
     history: list[tuple[float, float]] = field(default_factory=list)

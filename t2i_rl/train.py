@@ -543,7 +543,7 @@ class Trainer:
             bar.set_postfix(proxy=f"{metrics.get('reward/proxy', float('nan')):.3f}",
                             gold=f"{metrics.get('reward/gold', float('nan')):.3f}")
             stop = self.watched in metrics and cfg.early_stop.enabled and self.stopper.update(
-                metrics[self.watched], metrics["eval/heldout/proxy"])
+                metrics[self.watched], metrics.get("eval/train/proxy", metrics["eval/heldout/proxy"]))
             self._save_last(epoch)
             if stop:
                 tqdm.write(f"early stop at epoch {epoch}: {self.watched} fell for {cfg.early_stop.patience} "
