@@ -58,8 +58,12 @@ def read_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+NEEDED = ("eval/heldout/gold_correct", "eval/train/gold_correct", "eval/heldout/proxy")
+
+
 def evaluations(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("eval/heldout/gold_correct") is not None]
+    """The evaluation rows with every score used here (a rate is null where the judge was unsure of all)."""
+    return [r for r in rows if all(r.get(k) is not None for k in NEEDED)]
 
 
 def damage(epochs: list[int], gold: list[float], drop: float) -> Damage:
@@ -82,10 +86,15 @@ def hacked_rise(rows: list[dict], window: int = HACK_WINDOW, margin: float = HAC
                  if statistics.fmean(values[i - window + 1:i + 1]) > base + margin), None)
 
 
-def replay_stopper(epochs: list[int], watched: list[float], proxy: list[float], patience: int) -> tuple[int | None, int]:
-    """(the epoch at which `EarlyStopper` stops, or None; the epoch best on `watched` up to then)."""
+def replay_stopper(epochs: list[int], watched: list[float], proxy: list[float], patience: int,
+                   final: bool = False) -> tuple[int | None, int]:
+    """(the epoch at which `EarlyStopper` stops, or None; the epoch best on `watched` up to then).
+    `final`: the last evaluation is the one after the last epoch, which the Trainer does not give its
+    stopper. A stopped run's own final evaluation (after one more update) is not in the data, so
+    "best up to then" is what checkpoints/best held before it."""
     stopper = EarlyStopper(patience)
-    stop = next((i for i, (w, p) in enumerate(zip(watched, proxy)) if stopper.update(w, p)), None)
+    fed = len(epochs) - 1 if final else len(epochs)
+    stop = next((i for i, (w, p) in enumerate(zip(watched[:fed], proxy[:fed])) if stopper.update(w, p)), None)
     seen = len(epochs) if stop is None else stop + 1
     return (None if stop is None else epochs[stop]), epochs[int(np.argmax(watched[:seen]))]
 
@@ -119,7 +128,7 @@ def measure(run: Path, patiences: list[int], drop: float, models: dict, split: s
         watched[f"monitor: {name}"] = [saved_scores(run, e, models[name]) for e in epochs]
     for name, series in watched.items():
         for k in patiences:
-            fired, kept = replay_stopper(epochs, series, proxy, k)
+            fired, kept = replay_stopper(epochs, series, proxy, k, final="reward/proxy" not in evals[-1])
             detectors[f"{name}, patience {k}"] = {"fired": fired, "kept_gold": by_epoch[kept]}
     return {"run": str(run), "damage": hurt, "detectors": detectors}
 

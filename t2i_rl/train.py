@@ -132,6 +132,9 @@ def check_output_dir(output_dir: str) -> None:
 
 # what a resumed run may change: how long it runs and on how many threads, not what it trains
 RESUME_MAY_CHANGE = frozenset({"epochs", "budget_minutes", "resume", "output_dir", "threads"})
+# keys added after runs were saved without them, and what such a run did: it resumes unchanged when
+# these values are given (env.monitor=null early_stop.watch=gold)
+SAVED_WITHOUT = {"env.monitor": None, "early_stop.watch": "gold"}
 
 
 def config_changes(cfg: DictConfig) -> list[str]:
@@ -144,6 +147,9 @@ def config_changes(cfg: DictConfig) -> list[str]:
     if not (cfg.resume and saved.is_file() and find_checkpoint(run_dir / "checkpoints" / "last")):
         return []
     before = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    for key, value in SAVED_WITHOUT.items():
+        if not any(k == key or k.startswith(key + ".") for k in before):
+            before[key] = value
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
     unset = "(unset)"
     keys = [k for k in sorted(before.keys() | now.keys()) if k not in RESUME_MAY_CHANGE and not k.startswith("hydra.")]
@@ -228,9 +234,15 @@ def check_monitor(cfg: DictConfig) -> None:
     if cfg.early_stop.enabled:
         key, value = {"monitor": ("env.monitor", monitor), "gold": ("env.gold", env.get("gold"))}[cfg.early_stop.watch]
         if value is None:
-            raise ValueError(f"early_stop.watch = {cfg.early_stop.watch} needs {key}, which is null")
+            other = {"monitor": "gold", "gold": "monitor"}[cfg.early_stop.watch]
+            raise ValueError(f"early_stop.watch = {cfg.early_stop.watch} needs {key}, which is null: set it "
+                             f"(env.monitor: a model outside env.reward, e.g. {{name:clip,path:rewards-web/clip}}) "
+                             f"or watch the other score (early_stop.watch={other})")
         if not cfg.eval.num_prompts:
             raise ValueError("early_stop.enabled = true needs held-out prompts to watch, but eval.num_prompts = 0")
+        if not cfg.eval.every:
+            raise ValueError("early_stop.enabled = true needs evaluations to compare, but eval.every = 0 "
+                             "(only epoch 0 is evaluated)")
 
 
 def check_prompts(cfg: DictConfig) -> None:
@@ -371,7 +383,8 @@ class Trainer:
                              vae_slicing=model.vae_slicing)
         reward = make_reward(cfg.env.reward, device)  # on the run's device, as the images it scores
         gold = make_reward(cfg.env.gold, device) if cfg.env.gold else None
-        with torch.random.fork_rng():  # a diagnostic: building it (a head's init) leaves the run's random stream alone
+        # a diagnostic: building it (a head's init draws numbers) leaves the run's random stream alone
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             self.monitor = make_reward(cfg.env.monitor, device) if cfg.env.monitor else None
         env_kwargs = dict(pipeline=pipe, reward=reward, gold=gold, num_steps=cfg.env.num_steps,
                           guidance_scale=cfg.env.guidance_scale, eta=cfg.env.eta, resolution=model.resolution)
@@ -405,7 +418,8 @@ class Trainer:
                 self.eval_sets[name] = (prompts, seed, env)
         self.hacks = HackDetector(cfg.diagnostics.hacked_quantile)
         self.stopper = EarlyStopper(cfg.early_stop.patience)
-        self.watched = WATCHED[cfg.early_stop.watch]
+        # without a monitor, checkpoints/best keeps the best gold (early stopping on it is refused)
+        self.watched = WATCHED["gold" if self.monitor is None else cfg.early_stop.watch]
         self.best_score = -math.inf
         self.start_epoch = 0
         seed = distributed.rank_seed(cfg.seed)

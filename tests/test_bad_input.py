@@ -51,6 +51,8 @@ CASES = [
      "early_stop.watch = monitor needs env.monitor, which is null"),
     ("early_stop_without_heldout", lambda t: ["early_stop.enabled=true", "eval.num_prompts=0"],
      "early_stop.enabled = true needs held-out prompts to watch, but eval.num_prompts = 0"),
+    ("early_stop_without_evaluations", lambda t: ["early_stop.enabled=true", "eval.every=0"],
+     "early_stop.enabled = true needs evaluations to compare, but eval.every = 0"),
     ("early_stop_watch", lambda t: ["early_stop.watch=proxy"], "early_stop.watch = proxy is invalid: must be one of"),
     ("resume_false_over_a_run", lambda t: ["resume=false", f"output_dir={old_run(t)}"],
      "old holds a run (metrics.jsonl, tb), which resume=false would mix a new run into: resume=true continues it"),

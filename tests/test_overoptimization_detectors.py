@@ -64,3 +64,10 @@ def test_bad_arguments_get_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         D.main([str(tmp_path)])
     assert stop.value.code == 2 and "not a run folder" in capsys.readouterr().err
+
+
+def test_the_final_evaluation_is_not_given_to_the_stopper_but_can_be_kept():
+    epochs, watched, proxy = [0, 10, 20], [0.5, 0.4, 0.3], [0.1, 0.2, 0.3]
+    assert D.replay_stopper(epochs, watched, proxy, 2) == (20, 0)
+    assert D.replay_stopper(epochs, watched, proxy, 2, final=True) == (None, 0)  # fell only once before the end
+    assert D.replay_stopper(epochs, [0.5, 0.4, 0.9], proxy, 2, final=True) == (None, 20)

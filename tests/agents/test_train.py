@@ -326,3 +326,21 @@ def test_the_monitor_leaves_the_runs_random_stream_alone(tiny_assets, tmp_path):
     one, two = watched.epoch(0), plain.epoch(0)
     for key in ("reward/proxy", "loss/policy", "policy/kl_to_base"):
         assert one[key] == two[key], key
+
+
+def test_a_run_saved_before_the_monitor_existed_resumes_with_what_it_did(tiny_assets, tmp_path):
+    """A config.yaml without env.monitor and early_stop.watch (saved before they existed) counts as
+    env.monitor=null early_stop.watch=gold: given those, it resumes; the defaults are a listed change."""
+    from omegaconf import OmegaConf
+
+    from t2i_rl.train import config_changes
+
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run")
+    run(compose_cfg((overrides, reward)))
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    del saved.env["monitor"], saved.early_stop["watch"]
+    OmegaConf.save(saved, tmp_path / "run" / "config.yaml")
+    legacy = [o for o in overrides if not o.startswith("env.monitor")]
+    assert config_changes(compose_cfg(([*legacy, "env.monitor=null", "early_stop.watch=gold", "epochs=2"], reward))) == []
+    changes = config_changes(compose_cfg(([*overrides, "epochs=2"], reward)))
+    assert changes[0] == "early_stop.watch: gold -> monitor" and changes[1].startswith("env.monitor: None -> "), changes
