@@ -1,7 +1,7 @@
 """Do the diagnostics catch overoptimization before gold has fallen? Lead times on finished runs.
 
     python benchmarks/overoptimization_detectors.py RUN_FOLDER... [--patience 1 2 3] [--drop 5]
-        [--gold heldout|train] [--doc docs/results/overoptimization_detectors.md]
+        [--gold heldout|train] [--until EPOCH] [--doc docs/results/overoptimization_detectors.md]
 
 For each run (a folder of `python -m t2i_rl.train`, e.g. the cells of `benchmarks/overoptimization.py`)
 it finds the damage, then asks each detector when it fired:
@@ -114,8 +114,9 @@ def held_out_monitors(run: Path) -> list[str]:
     return [name for name, spec in MONITORS.items() if not leaf_models(spec) & leaf_models(reward)]
 
 
-def measure(run: Path, patiences: list[int], drop: float, models: dict, split: str = "heldout") -> dict:
-    rows = read_rows(run)
+def measure(run: Path, patiences: list[int], drop: float, models: dict, split: str = "heldout",
+            until: int | None = None) -> dict:
+    rows = [r for r in read_rows(run) if until is None or r["epoch"] <= until]
     evals = evaluations(rows)
     epochs = [r["epoch"] for r in evals]
     gold = [r[f"eval/{split}/gold_correct"] for r in evals]
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop", type=float, default=5.0, help="points below the peak that count as damage")
     p.add_argument("--gold", choices=["heldout", "train"], default="heldout",
                    help="the gold whose fall is the damage: held-out prompts' or the training prompts'")
+    p.add_argument("--until", type=int, default=None, help="only the evaluations up to this epoch")
     p.add_argument("--doc", type=Path, default=None, help="write the tables here (markdown)")
     args = p.parse_args(argv)
     bad = [r for r in args.runs if not (r / "metrics.jsonl").is_file() or not (r / "config.yaml").is_file()]
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from t2i_rl.rewards import make_reward
 
     models = {name: make_reward(spec) for name, spec in MONITORS.items()}
-    results = [measure(run, args.patience, args.drop / 100, models, args.gold) for run in args.runs]
+    results = [measure(run, args.patience, args.drop / 100, models, args.gold, args.until) for run in args.runs]
     shown = args.patience[len(args.patience) // 2]
     text = "\n".join([
         f"`python benchmarks/overoptimization_detectors.py {' '.join(map(str, argv))}`", "",
