@@ -206,8 +206,8 @@ def names_the_judge(spec: Any) -> bool:
 
 def leaf_models(spec: Any) -> set[tuple[str, str]]:
     """The (name, path) of every model a reward spec scores with (ensemble members, TextNorm bases)."""
-    if isinstance(spec, str):
-        return {(spec, "")} if spec not in ("ensemble", "textnorm") else set()
+    if isinstance(spec, str):  # a model's name (composites need a mapping)
+        return {(spec, "")}
     if isinstance(spec, dict):
         if spec.get("name") == "ensemble":
             return set().union(*(leaf_models(m) for m in spec.get("members") or []))
