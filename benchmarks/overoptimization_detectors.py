@@ -99,11 +99,15 @@ def replay_stopper(epochs: list[int], watched: list[float], proxy: list[float], 
     return (None if stop is None else epochs[stop]), epochs[int(np.argmax(watched[:seen]))]
 
 
-def saved_scores(run: Path, epoch: int, reward, split: str = "heldout") -> float:
-    """The mean score of `reward` on the images a run saved at an evaluation."""
+def saved_images(run: Path, epoch: int, split: str = "heldout") -> tuple[torch.Tensor, list[str]]:
+    """The images [N, 3, H, W] in [0, 1] and prompts a run saved at an evaluation."""
     prompts = json.loads((run / "evals" / f"epoch{epoch:04d}.json").read_text())[split]["prompts"]
-    pixels = np.load(run / "evals" / f"epoch{epoch:04d}.npz")[split]
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    with np.load(run / "evals" / f"epoch{epoch:04d}.npz") as saved:
+        pixels = saved[split]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, prompts
+
+
+def mean_score(reward, images: torch.Tensor, prompts: list[str]) -> float:
     with torch.no_grad():
         return float(reward(images, prompts).scores.double().mean())
 
@@ -125,8 +129,13 @@ def measure(run: Path, patiences: list[int], drop: float, models: dict, split: s
     by_epoch = dict(zip(epochs, gold))
     detectors = {"hacked_frac": {"fired": hacked_rise(rows), "kept_gold": None}}
     watched = {"gold": [r["eval/heldout/gold_correct"] for r in evals]}
-    for name in held_out_monitors(run):
-        watched[f"monitor: {name}"] = [saved_scores(run, e, models[name]) for e in epochs]
+    monitors = held_out_monitors(run)
+    for name in monitors:
+        watched[f"monitor: {name}"] = []
+    for e in epochs if monitors else []:  # each evaluation's images read once, for every monitor
+        images, prompts = saved_images(run, e)
+        for name in monitors:
+            watched[f"monitor: {name}"].append(mean_score(models[name], images, prompts))
     for name, series in watched.items():
         for k in patiences:
             fired, kept = replay_stopper(epochs, series, proxy, k, final="reward/proxy" not in evals[-1])

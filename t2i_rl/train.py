@@ -232,12 +232,12 @@ def check_monitor(cfg: DictConfig) -> None:
                              f"{', '.join(sorted(n for n, _ in shared))} too, so the monitor would climb with the "
                              "proxy; name a model outside it (e.g. {name:clip,path:rewards-web/clip})")
     if cfg.early_stop.enabled:
-        key, value = {"monitor": ("env.monitor", monitor), "gold": ("env.gold", env.get("gold"))}[cfg.early_stop.watch]
-        if value is None:
-            other = {"monitor": "gold", "gold": "monitor"}[cfg.early_stop.watch]
-            raise ValueError(f"early_stop.watch = {cfg.early_stop.watch} needs {key}, which is null: set it "
-                             f"(env.monitor: a model outside env.reward, e.g. {{name:clip,path:rewards-web/clip}}) "
-                             f"or watch the other score (early_stop.watch={other})")
+        if cfg.early_stop.watch == "monitor" and monitor is None:
+            raise ValueError("early_stop.watch = monitor needs env.monitor, which is null: set it (a model outside "
+                             "env.reward, e.g. {name:clip,path:rewards-web/clip}) or watch early_stop.watch=gold")
+        if cfg.early_stop.watch == "gold" and env.get("gold") is None:
+            raise ValueError("early_stop.watch = gold needs env.gold, which is null: set it (the judge, gold) "
+                             "or watch early_stop.watch=monitor")
         if not cfg.eval.num_prompts:
             raise ValueError("early_stop.enabled = true needs held-out prompts to watch, but eval.num_prompts = 0")
         if not cfg.eval.every:
@@ -581,8 +581,9 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def _save_if_best(self, epoch: int, scores: dict[str, float]) -> None:
         """`checkpoints/best` when the evaluation `scores` of epoch `epoch` beat the best held-out score
-        that early stopping watches (`early_stop.watch`) so far: saved right after the evaluation, before the epoch's update, so that it
-        holds the weights that earned them, with the scores and that epoch as its trainer state."""
+        that early stopping watches (`early_stop.watch`) so far: saved right after the evaluation,
+        before the epoch's update, so that it holds the weights that earned them, with the scores and
+        that epoch as its trainer state."""
         from t2i_rl.checkpoint import save_checkpoint
 
         score = scores.get(self.watched, math.nan)

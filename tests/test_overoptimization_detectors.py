@@ -50,7 +50,7 @@ def test_a_run_is_measured_from_its_saved_images(tiny_assets, tmp_path, monkeypa
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     recorded = [r["eval/heldout/monitor"] for r in rows]
     model = make_reward(monitor)
-    again = [D.saved_scores(tmp_path / "run", e, model) for e in range(4)]
+    again = [D.mean_score(model, *D.saved_images(tmp_path / "run", e)) for e in range(4)]
     assert again == pytest.approx(recorded, abs=0.02)  # uint8 rounding of the images only
     doc = tmp_path / "doc.md"
     assert D.main([str(tmp_path / "run"), "--patience", "1", "--doc", str(doc)]) == 0
