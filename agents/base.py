@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from t2i_rl import distributed
+from t2i_rl.lora import LORA_TARGETS
 
 
 @dataclass
@@ -34,6 +35,10 @@ class AgentConfig:
                                                            "added to the loss (any agent)"})
     lora_rank: int | None = field(default=8, metadata={"help": "LoRA rank; null: full fine-tuning"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "the UNet layers that carry the LoRA adapter, as PEFT's target_modules: a name matches "
+                "every layer whose path ends in it (to_k: every attention's key projection; attn2.to_k: "
+                "the cross-attention's only, where the prompt enters)"})
 
     # sample counts that hold for the whole run: with N processes each process takes 1/N of them
     per_process_fields: ClassVar[tuple[str, ...]] = ("samples_per_epoch", "train_batch_size")
@@ -53,6 +58,8 @@ class AgentConfig:
             "train_batch_size": self.train_batch_size >= 1,
             "kl_coef": self.kl_coef >= 0,
             "lora_rank": self.lora_rank is None or self.lora_rank >= 1,
+            "lora_targets": (isinstance(self.lora_targets, (list, tuple)) and len(self.lora_targets) > 0
+                             and all(isinstance(t, str) and t.strip() for t in self.lora_targets)),
         }
         for key, ok in checks.items():
             if not ok:
@@ -93,6 +100,7 @@ _RULES = {
     "max_grad_norm": "must be >= 0",
     "kl_coef": "must be >= 0",
     "lora_rank": "must be >= 1 or null",
+    "lora_targets": "must be a non-empty list of layer names, for example [to_q, to_k, to_v, to_out.0]",
 }
 
 

@@ -211,6 +211,17 @@ def check_model_config(model: Mapping[str, Any]) -> None:
             raise ValueError(f"model.{key} = {model[key]!r} is invalid: must be {rule}")
 
 
+def unet_layer_names(name_or_path: str) -> list[str] | None:
+    """The dotted names of the UNet's layers of a shipped or local pipeline, built from its config on
+    the meta device (no weights read); None for a hub id, whose config is not here to read."""
+    folder = Path(SHIPPED_PIPELINES.get(name_or_path, name_or_path)).expanduser() / "unet"
+    if not (folder / "config.json").is_file():
+        return None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    return [name for name, _ in unet.named_modules()]
+
+
 def _refuse_unsupported(folder: Path) -> None:
     """SDXL folders fail here in one line, not deep inside diffusers or at the first UNet call."""
     index_file = folder / "model_index.json"

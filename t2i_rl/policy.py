@@ -19,6 +19,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from t2i_rl.lora import LORA_TARGETS, check_lora_targets
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 _REDUCTIONS = ("mean", "sum")
 
@@ -127,7 +129,7 @@ class DiffusionPolicy:
         eta: float = 1.0,
         lora_rank: int | None = 4,
         lora_alpha: float | None = None,
-        lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        lora_target_modules: Sequence[str] = LORA_TARGETS,
     ) -> None:
         if not isinstance(pipe.scheduler, DDIMScheduler):
             raise TypeError(
@@ -181,6 +183,7 @@ class DiffusionPolicy:
                     "pipe.unet already carries a PEFT adapter; build the policy on a fresh pipeline "
                     "(its reference model is the UNet with adapters disabled)"
                 )
+            check_lora_targets([name for name, _ in self.unet.named_modules()], lora_target_modules)
             self.unet.requires_grad_(False)
             self.unet.add_adapter(
                 LoraConfig(

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from agents.base import TrainingDiverged, adamw_settings, run_episodes
 from t2i_rl import CONFIG_DIR, distributed, runlock
+from t2i_rl.lora import LORA_TARGETS, check_lora_targets
 from t2i_rl.prompts import DEFAULT_CONTRASTIVE
 
 GROUPS = ("agent", "env", "model")
@@ -134,7 +135,7 @@ def check_output_dir(output_dir: str) -> None:
 RESUME_MAY_CHANGE = frozenset({"epochs", "budget_minutes", "resume", "output_dir", "threads"})
 # keys added after runs were saved without them, and what such a run did: it resumes unchanged when
 # these values are given (env.monitor=null early_stop.watch=gold)
-SAVED_WITHOUT = {"env.monitor": None, "early_stop.watch": "gold"}
+SAVED_WITHOUT = {"env.monitor": None, "early_stop.watch": "gold", "agent.lora_targets": list(LORA_TARGETS)}
 
 
 def config_changes(cfg: DictConfig) -> list[str]:
@@ -300,9 +301,11 @@ def validate(cfg: DictConfig):
         if not fills_batches(agent_cfg.samples_per_epoch, cfg.env.batch_size):
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid: must be at most "
                              f"env.batch_size ({cfg.env.batch_size}) or a multiple of it")
-    from t2i_rl.models import check_model_config  # diffusers, the slowest import: after the quick checks
+    from t2i_rl.models import check_model_config, unet_layer_names  # diffusers, the slowest import: last
 
     check_model_config(cfg.model)
+    if agent_cfg.lora_rank is not None and (layers := unet_layer_names(cfg.model.pipeline)) is not None:
+        check_lora_targets(layers, agent_cfg.lora_targets, key="agent.lora_targets")
     distributed.check_precision(cfg.model.dtype)
     if model_float16(cfg.model, agent_cfg) and cls.own_optimizer_reason:
         raise ValueError(f"model.dtype = float16 is invalid for agent={cfg.agent.name} with LoRA: its float16 "
@@ -393,7 +396,8 @@ class Trainer:
         # is smaller denoises all of it in lockstep (validated: otherwise a multiple of env.batch_size)
         self.env = DenoiseVectorEnv(num_envs=min(cfg.env.batch_size, local.samples_per_epoch),
                                     prompts=cfg.env.prompts, **env_kwargs)
-        self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha)
+        self.policy = self.env.policy(lora_rank=agent_cfg.lora_rank, lora_alpha=agent_cfg.lora_alpha,
+                                      lora_target_modules=agent_cfg.lora_targets)
         self.agent = cls(local, self.env, self.policy)
         self.agent.health.max_bad_steps = cfg.health.max_bad_steps
         if distributed.deepspeed_launch() and world > 1:

@@ -297,6 +297,32 @@ def test_bad_arguments_raise(make_pipe, kwargs, match):
         DiffusionPolicy(make_pipe(), **kwargs)
 
 
+@pytest.mark.parametrize("targets, kinds", [
+    (("attn2.to_k", "attn2.to_v"), {"attn2.to_k", "attn2.to_v"}),  # cross-attention: where the prompt enters
+    (("to_k", "conv1"), {"attn1.to_k", "attn2.to_k", "conv1"}),  # every key projection, and the ResNets' convs
+])
+def test_the_adapter_goes_on_the_named_layers_only(make_pipe, latents, targets, kinds):
+    pol = DiffusionPolicy(make_pipe(), num_steps=T, guidance_scale=CFG, eta=ETA, lora_rank=4,
+                          lora_target_modules=targets)
+    adapted = {n.split(".lora_")[0] for n, p in pol.unet.named_parameters() if p.requires_grad}
+    kind = {n: next(k for k in sorted(kinds) if n.endswith("." + k)) for n in adapted}  # StopIteration: a stray layer
+    assert set(kind.values()) == kinds
+    assert len(pol.trainable_parameters()) == 2 * len(adapted)  # A and B of each adapted layer
+    emb = pol.encode_prompts(PROMPTS)
+    nxt, _ = pol.sample_step(latents, 1, emb, generator=torch.Generator().manual_seed(0))
+    pol.log_prob(latents, nxt, 1, emb).sum().backward()
+    assert all(p.grad is not None for p in pol.trainable_parameters())
+
+
+def test_lora_targets_that_match_no_layer_are_refused_before_any_adapter(make_pipe):
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match=r"lora_target_modules = \['to_q', 'attn3.to_k'\] is invalid: "
+                                         r"'attn3.to_k' matches no layer of the UNet"):
+        DiffusionPolicy(pipe, lora_target_modules=("to_q", "attn3.to_k"))
+    assert not getattr(pipe.unet, "_hf_peft_config_loaded", False)  # nothing was added: the pipe is reusable
+    DiffusionPolicy(pipe, lora_target_modules=("to_q",))
+
+
 def test_bad_schedulers_raise(make_pipe):
     pipe = make_pipe()
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)

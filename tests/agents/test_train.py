@@ -329,8 +329,9 @@ def test_the_monitor_leaves_the_runs_random_stream_alone(tiny_assets, tmp_path):
 
 
 def test_a_run_saved_before_the_monitor_existed_resumes_with_what_it_did(tiny_assets, tmp_path):
-    """A config.yaml without env.monitor and early_stop.watch (saved before they existed) counts as
-    env.monitor=null early_stop.watch=gold: given those, it resumes; the defaults are a listed change."""
+    """A config.yaml without env.monitor, early_stop.watch and agent.lora_targets (saved before they
+    existed) counts as env.monitor=null early_stop.watch=gold and the LoRA on every attention
+    projection: given those, it resumes; the defaults are a listed change, other targets too."""
     from omegaconf import OmegaConf
 
     from t2i_rl.train import config_changes
@@ -338,9 +339,11 @@ def test_a_run_saved_before_the_monitor_existed_resumes_with_what_it_did(tiny_as
     overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run")
     run(compose_cfg((overrides, reward)))
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
-    del saved.env["monitor"], saved.early_stop["watch"]
+    del saved.env["monitor"], saved.early_stop["watch"], saved.agent["lora_targets"]
     OmegaConf.save(saved, tmp_path / "run" / "config.yaml")
-    legacy = [o for o in overrides if not o.startswith("env.monitor")]
-    assert config_changes(compose_cfg(([*legacy, "env.monitor=null", "early_stop.watch=gold", "epochs=2"], reward))) == []
+    legacy = [o for o in overrides if not o.startswith("env.monitor")] + ["env.monitor=null", "early_stop.watch=gold"]
+    assert config_changes(compose_cfg(([*legacy, "epochs=2"], reward))) == []
     changes = config_changes(compose_cfg(([*overrides, "epochs=2"], reward)))
     assert changes[0] == "early_stop.watch: gold -> monitor" and changes[1].startswith("env.monitor: None -> "), changes
+    changes = config_changes(compose_cfg(([*legacy, "agent.lora_targets=[attn2.to_k]"], reward)))
+    assert changes == ["agent.lora_targets: ['to_q', 'to_k', 'to_v', 'to_out.0'] -> ['attn2.to_k']"], changes
