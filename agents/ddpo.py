@@ -48,6 +48,13 @@ class DDPOConfig(AgentConfig):
                 "reward difference is the trained steps' doing alone and the score-function gradient of "
                 "a pair, (A_2j - A_2j+1) z / sigma, loses the reward noise of every other source. Each "
                 "sample is still a draw of the policy. Needs an even group_size"})
+    score_pool: int = field(default=1, metadata={
+        "help": "the trained steps' log-probs are those of the action's k x k average pools over the latent "
+                "pixels (1: the whole action, DDPO as published). The score-function gradient A z / sigma "
+                "carries noise in every latent dimension while the reward is decided by the coarse layout; "
+                "the pooled action's score keeps 1/k^2 of the dimensions, and drops the fine detail's share of "
+                "the gradient. The old log-probs are re-evaluated before the update (one extra forward of "
+                "the trained steps). Must divide the latents' height and width"})
     step_chunk: int = field(default=0, metadata={
         "help": "denoising steps re-evaluated per UNet call in the update (0: all sampled steps of a "
                 "minibatch in one call; 1: one step per call, as TRL does); the gradient is the same"})
@@ -68,6 +75,8 @@ class DDPOConfig(AgentConfig):
             raise ValueError("agent.stat_buffer_size and agent.stat_min_count must be >= 1")
         if self.group_size < 0 or self.group_size == 1:
             raise ValueError(f"agent.group_size = {self.group_size} is invalid: 0 (off) or >= 2")
+        if self.score_pool < 1:
+            raise ValueError(f"agent.score_pool = {self.score_pool} is invalid: must be >= 1 (1: the whole action)")
         if self.step_chunk < 0:
             raise ValueError(f"agent.step_chunk = {self.step_chunk} is invalid: must be >= 0 (0: all steps)")
         if self.shared_noise and not self.group_size:
@@ -130,6 +139,10 @@ class DDPOAgent(Agent):
         if cfg.train_steps > policy.num_steps:
             raise ValueError(f"agent.train_steps = {cfg.train_steps} is invalid: the sampler has only "
                              f"{policy.num_steps} steps (env.num_steps)")
+        side = env.latent_shape[-1]
+        if side % cfg.score_pool:
+            raise ValueError(f"agent.score_pool = {cfg.score_pool} is invalid: it must divide the latents' side "
+                             f"({side} pixels), for example {', '.join(str(k) for k in range(1, side + 1) if side % k == 0)}")
         if cfg.antithetic and env.num_envs % 2:
             raise ValueError(f"agent.antithetic = true needs an even env.batch_size (pairs share a reset), "
                              f"got {env.num_envs}")
@@ -177,7 +190,7 @@ class DDPOAgent(Agent):
     def step_loss(self, x: torch.Tensor, x_next: torch.Tensor, i: int | torch.Tensor, embeds: torch.Tensor,
                   old_log_prob: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of transitions at denoising step(s) i, one int or one per row (DPOK adds its KL)."""
-        log_prob = self.policy.log_prob(x, x_next, i, embeds)
+        log_prob = self.policy.log_prob(x, x_next, i, embeds, pool=self.cfg.score_pool)
         loss, approx_kl, clipfrac = ppo_clip_loss(log_prob, old_log_prob, adv, self.cfg.clip_range)
         penalty = self.kl_penalty(x, i, embeds)
         return loss + penalty, {"loss/policy": loss.item(), "loss/kl_penalty": float(penalty.detach()),
@@ -189,6 +202,7 @@ class DDPOAgent(Agent):
         trained = self.cfg.train_steps or self.policy.num_steps  # the first steps, those trained on
         n_steps = max(1, round(self.cfg.timestep_fraction * trained))
         unit = self.cfg.minibatch_unit() if len(rollout) == self.cfg.samples_per_epoch else 1  # rows dropped: 1
+        old_log_probs = self.pooled_log_probs(rollout, trained) if self.cfg.score_pool > 1 else rollout.log_probs
         stats: dict[str, list[float]] = {}
         for _ in range(self.cfg.inner_epochs):
             # 2. minibatches of whole units (a mirrored pair stays in one step)
@@ -204,7 +218,7 @@ class DDPOAgent(Agent):
                     loss, step_stats = self.step_loss(
                         rollout.latents[idx][:, s].flatten(0, 1), rollout.latents[idx][:, s + 1].flatten(0, 1),
                         step_index, rollout.embeds[idx].repeat_interleave(k, 0),
-                        rollout.log_probs[idx][:, s].flatten(), adv[idx].repeat_interleave(k))
+                        old_log_probs[idx][:, s].flatten(), adv[idx].repeat_interleave(k))
                     # 4. one optimizer step per minibatch, on the mean over its sampled steps
                     part = loss * k / n_steps
                     if start + chunk < n_steps:
@@ -215,6 +229,17 @@ class DDPOAgent(Agent):
                         stats.setdefault(key, []).append(v)
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/advantage_abs"] = adv.abs().mean().item()
+        return out
+
+    @torch.no_grad()
+    def pooled_log_probs(self, rollout: Rollout, trained: int) -> torch.Tensor:
+        """The sampling policy's log-probs of the pooled actions at the first `trained` steps [N, T]
+        (the later columns stay the rollout's: never trained on). Called before the update's first
+        step, so the policy still is the one that sampled."""
+        out = rollout.log_probs.clone()
+        for step in range(trained):
+            out[:, step] = self.policy.log_prob(rollout.latents[:, step], rollout.latents[:, step + 1], step,
+                                                rollout.embeds, pool=self.cfg.score_pool)
         return out
 
     def state_dict(self) -> dict:

@@ -89,6 +89,9 @@ class TRLDDPOConfig(DDPOConfig):
         if self.train_steps != 0:
             raise ValueError(f"agent.train_steps = {self.train_steps} is invalid for ddpo_trl: TRL samples the trained "
                              "steps from all T; use train_steps=0 (or agent=ddpo)")
+        if self.score_pool != 1:
+            raise ValueError(f"agent.score_pool = {self.score_pool} is invalid for ddpo_trl: TRL's loss scores the "
+                             "whole action; use score_pool=1 (or agent=ddpo)")
         if self.group_size != 0:
             raise ValueError(f"agent.group_size = {self.group_size} is invalid for ddpo_trl: TRL draws one prompt "
                              "per sample and has no GRPO-style groups; use group_size=0 (or agent=ddpo)")

@@ -73,9 +73,9 @@ class DPOKAgent(DDPOAgent):
 
     def step_loss(self, x, x_next, i, embeds, old_log_prob, adv):
         if self.beta > 0:  # one policy forward (and one no-grad reference forward) for both
-            log_prob, kl = self.policy.log_prob_and_kl(x, x_next, i, embeds)
+            log_prob, kl = self.policy.log_prob_and_kl(x, x_next, i, embeds, pool=self.cfg.score_pool)
         else:  # beta = 0: skip the reference model's forward
-            log_prob = self.policy.log_prob(x, x_next, i, embeds)
+            log_prob = self.policy.log_prob(x, x_next, i, embeds, pool=self.cfg.score_pool)
             kl = torch.zeros_like(log_prob)
         loss, s = dpok_loss(log_prob, old_log_prob, adv, kl, self.beta, self.cfg.clip_range)
         stats = {"loss/policy": s["policy"].item(), "loss/kl": s["kl_term"].item(),

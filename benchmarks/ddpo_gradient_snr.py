@@ -1,7 +1,8 @@
 """How much signal a DDPO gradient carries, and which denoising steps it comes from.
 
     python benchmarks/ddpo_gradient_snr.py [--samples 64] [--estimates 4] [--train-steps 0 4 2]
-        [--group-size 8] [--steps 10] [--prompts composition-train] [--reward textnorm] [--threads N]
+        [--score-pool 1] [--antithetic] [--group-size 8] [--steps 10] [--prompts composition-train]
+        [--reward textnorm] [--threads N]
 
 Two measurements on the base model, the baseline of each being the same quantity computed the
 other way in the same process:
@@ -15,7 +16,9 @@ other way in the same process:
    so that prompt difficulty is not in the advantages) for each `--train-steps` setting; the
    mean pairwise cosine estimates |g|^2 / (|g|^2 + noise^2 / N). Near 0: one optimizer step is a
    random direction, and the policy random-walks away from the base model (KL grows, reward does
-   not). The last line is the cosine of each setting.
+   not). The last line is the cosine of each setting. `--score-pool 1 4` compares the gradient of
+   the whole action's log-prob with that of its 4 x 4 average pools (`agent.score_pool`) on the same
+   rollouts; `--reward gold` takes the judge's score, so that the reward is not what is measured.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 from agents.ddpo import DDPOAgent, DDPOConfig  # noqa: E402
 
-REWARDS = {"textnorm": {"name": "textnorm", "base": "clip", "tau": 0.02}, "raw": "clip"}
+REWARDS = {"textnorm": {"name": "textnorm", "base": "clip", "tau": 0.02}, "raw": "clip", "gold": "gold"}
 
 
 class GradientProbe(DDPOAgent):
@@ -56,12 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=64, help="images per gradient estimate")
     p.add_argument("--estimates", type=int, default=4, help="independent gradient estimates (>= 2)")
     p.add_argument("--train-steps", type=int, nargs="+", default=[0, 4, 2], help="agent.train_steps settings")
+    p.add_argument("--score-pool", type=int, nargs="+", default=[1], help="agent.score_pool settings")
+    p.add_argument("--antithetic", action="store_true", help="mirrored pairs (agent.antithetic=true)")
     p.add_argument("--group-size", type=int, default=8, help="GRPO group size of the rollouts")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps")
     p.add_argument("--prompts", default="composition-train", help="env.prompts")
     p.add_argument("--reward", default="textnorm", choices=sorted(REWARDS))
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--sensitivity-prompts", type=int, default=16, help="prompts of the step-sensitivity table")
+    p.add_argument("--sensitivity-prompts", type=int, default=16, help="prompts of the step-sensitivity table (0: no table)")
     p.add_argument("--redraws", type=int, default=4, help="redraws per prompt in the step-sensitivity table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -70,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--estimates and --redraws must be >= 2, --samples >= 1")
     if args.group_size and args.samples % args.group_size:
         p.error(f"--samples ({args.samples}) must be a multiple of --group-size ({args.group_size})")
+    if args.sensitivity_prompts < 0 or any(k < 1 for k in args.score_pool):
+        p.error("--sensitivity-prompts must be >= 0 and --score-pool >= 1")
     if any(k < 0 or k > args.steps for k in args.train_steps):
         p.error(f"--train-steps must lie in [0, --steps ({args.steps})]")
     return args
@@ -116,26 +123,29 @@ def main(argv=None) -> None:
           f"estimate, GRPO groups of {args.group_size} | LoRA {args.lora_rank} | torch threads "
           f"{torch.get_num_threads()}", flush=True)
 
-    prompts = env.prompt_source(args.sensitivity_prompts, np.random.default_rng(args.seed))
-    sens = step_sensitivity(env, policy, prompts, args.redraws, args.seed)
-    print(f"\nreward variance within a prompt ({args.sensitivity_prompts} prompts x {args.redraws} redraws, x_T fixed)")
-    print(f"{'noise redrawn':<16}{'variance':>10}{'share':>8}")
-    for t, v in enumerate(sens[:-1]):
-        print(f"{'step ' + str(t):<16}{v:>10.4f}{v / sens[-1]:>8.2f}")
-    print(f"{'every step':<16}{sens[-1]:>10.4f}{1:>8.2f}", flush=True)
+    if args.sensitivity_prompts:
+        prompts = env.prompt_source(args.sensitivity_prompts, np.random.default_rng(args.seed))
+        sens = step_sensitivity(env, policy, prompts, args.redraws, args.seed)
+        print(f"\nreward variance within a prompt ({args.sensitivity_prompts} prompts x {args.redraws} redraws, "
+              "x_T fixed)")
+        print(f"{'noise redrawn':<16}{'variance':>10}{'share':>8}")
+        for t, v in enumerate(sens):
+            share = f"{v / sens[-1]:>8.2f}" if sens[-1] > 0 else f"{'-':>8}"
+            print(f"{'step ' + str(t) if t < len(sens) - 1 else 'every step':<16}{v:>10.4f}{share}", flush=True)
 
     cfg = dict(samples_per_epoch=args.samples, train_batch_size=args.samples, group_size=args.group_size,
-               lora_rank=args.lora_rank)
+               lora_rank=args.lora_rank, antithetic=args.antithetic,
+               train_steps=max(args.train_steps, key=lambda k: k or args.steps))  # the mirrored steps
     probe = GradientProbe(DDPOConfig(**cfg), env, policy)
     rollouts = []
     for e in range(args.estimates):
         probe.seed(args.seed + 1 + e)
         rollouts.append(probe.collect())
     print(f"\ngradient agreement ({args.estimates} independent rollouts of {args.samples} samples)")
-    print(f"{'train_steps':<12}{'mean cos':>10}{'min':>8}{'max':>8}{'|g|':>10}")
+    print(f"{'train_steps':<12}{'pool':>5}{'mean cos':>10}{'min':>8}{'max':>8}{'|g|':>10}")
     summary = []
-    for k in args.train_steps:
-        probe = GradientProbe(DDPOConfig(**cfg, train_steps=k), env, policy)
+    for k, pool in itertools.product(args.train_steps, args.score_pool):
+        probe = GradientProbe(DDPOConfig(**{**cfg, "train_steps": k, "score_pool": pool}), env, policy)
         grads = []
         for rollout in rollouts:
             probe.update(rollout)
@@ -143,8 +153,9 @@ def main(argv=None) -> None:
         cos = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
         norm = statistics.mean(g.norm().item() for g in grads)
         label = str(k) if k else f"0 (all {args.steps})"
-        print(f"{label:<12}{statistics.mean(cos):>10.3f}{min(cos):>8.3f}{max(cos):>8.3f}{norm:>10.4f}", flush=True)
-        summary.append(f"train_steps={k} {statistics.mean(cos):.3f}")
+        print(f"{label:<12}{pool:>5}{statistics.mean(cos):>10.3f}{min(cos):>8.3f}{max(cos):>8.3f}{norm:>10.4f}",
+              flush=True)
+        summary.append(f"train_steps={k} score_pool={pool} {statistics.mean(cos):.3f}")
     print("mean pairwise cosine: " + ", ".join(summary))
 
 

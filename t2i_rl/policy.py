@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -402,10 +403,19 @@ class DiffusionPolicy:
         return mean, std
 
     @staticmethod
-    def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
-        """log N(x; mean, std^2 I) per element, reduced over non-batch dims -> [B]."""
+    def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean",
+                          pool: int = 1) -> torch.Tensor:
+        """log N(x; mean, std^2 I) per element, reduced over non-batch dims -> [B].
+
+        With `pool` = k > 1 it is the log-density of the action's k x k average pools, N(pool(mean),
+        (std / k)^2 I): the coarse part of x, a marginal of the same Gaussian, whose score moves the
+        mean only through its block averages."""
         _check_reduce(reduce)
         std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+        if pool != 1:
+            if x.ndim != 4 or x.shape[-1] % pool or x.shape[-2] % pool:
+                raise ValueError(f"pool = {pool} must divide the latents' height and width, got shape {tuple(x.shape)}")
+            x, mean, std = F.avg_pool2d(x.float(), pool), F.avg_pool2d(mean, pool), std / pool
         logp = -((x.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
         return _reduce(logp, reduce)
 
@@ -447,11 +457,13 @@ class DiffusionPolicy:
         step_index: int | torch.Tensor,
         embeds: torch.Tensor,
         reduce: str = "mean",
+        pool: int = 1,
     ) -> torch.Tensor:
-        """log pi(x_{t-1} | x_t) of a stored transition [B], with gradients (what PPO re-evaluates)."""
+        """log pi(x_{t-1} | x_t) of a stored transition [B], with gradients (what PPO re-evaluates);
+        `pool` > 1: of its average pools (`gaussian_log_prob`)."""
         _check_reduce(reduce)
         mean, std = self.step_stats(latents, step_index, embeds)
-        return self.gaussian_log_prob(next_latents, mean, std, reduce)
+        return self.gaussian_log_prob(next_latents, mean, std, reduce, pool)
 
     def kl_to_reference(
         self, latents: torch.Tensor, step_index: int | torch.Tensor, embeds: torch.Tensor, reduce: str = "mean"
@@ -468,11 +480,14 @@ class DiffusionPolicy:
         step_index: int | torch.Tensor,
         embeds: torch.Tensor,
         reduce: str = "mean",
+        pool: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`log_prob` and `kl_to_reference` from one policy forward (DPOK needs both per step)."""
+        """`log_prob` (of the average pools with `pool` > 1) and `kl_to_reference` (of the whole
+        step) from one policy forward (DPOK needs both per step)."""
         _check_reduce(reduce)
         mean, ref_mean, std = self._with_reference(latents, step_index, embeds)
-        return self.gaussian_log_prob(next_latents, mean, std, reduce), gaussian_kl(mean, ref_mean, std, reduce)
+        return (self.gaussian_log_prob(next_latents, mean, std, reduce, pool),
+                gaussian_kl(mean, ref_mean, std, reduce))
 
     def _with_reference(self, latents: torch.Tensor, step_index: int | torch.Tensor,
                         embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

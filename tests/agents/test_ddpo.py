@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -46,7 +48,8 @@ def test_stat_tracker_uses_the_batch_until_min_count():
 
 
 @pytest.mark.parametrize("field, value", [("clip_range", 0.0), ("lr", -1.0), ("group_size", 1),
-                                          ("timestep_fraction", 1.5), ("lora_rank", 0), ("adam_beta1", 1.0)])
+                                          ("timestep_fraction", 1.5), ("lora_rank", 0), ("adam_beta1", 1.0),
+                                          ("score_pool", 0)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         DDPOConfig(**{field: value})
@@ -184,3 +187,51 @@ def test_adamw_takes_the_configured_momentum(tiny_agent):
     agent = tiny_agent(DDPOAgent, adam_beta1=0.99)
     group = agent.optimizer.param_groups[0]
     assert group["betas"] == (0.99, 0.999) and group["lr"] == agent.cfg.lr
+
+
+def test_the_pooled_log_prob_is_the_density_of_the_block_means():
+    from t2i_rl.policy import DiffusionPolicy
+
+    x = torch.tensor([[1.0, 3.0, 0.0, 0.0], [5.0, 7.0, 0.0, 2.0]]).view(1, 1, 2, 4)  # blocks of 2 x 2: means 4, 0.5
+    mean = torch.zeros_like(x)
+    logp = DiffusionPolicy.gaussian_log_prob(x, mean, 2.0, reduce="sum", pool=2)
+    # the mean of 4 draws of N(0, 2^2) is N(0, 1): log N(4; 0, 1) + log N(0.5; 0, 1)
+    want = -(4.0**2) / 2 - (0.5**2) / 2 - 2 * 0.5 * math.log(2 * math.pi)
+    assert logp.item() == pytest.approx(want, abs=1e-5)
+    assert torch.equal(DiffusionPolicy.gaussian_log_prob(x, mean, 2.0, pool=1), DiffusionPolicy.gaussian_log_prob(x, mean, 2.0))
+    with pytest.raises(ValueError, match=r"pool = 3 must divide the latents' height and width, got shape \(1, 1, 2, 4\)"):
+        DiffusionPolicy.gaussian_log_prob(x, mean, 2.0, pool=3)
+
+
+def test_score_pool_trains_on_the_pooled_score(tiny_agent):
+    """With score_pool=k the update's gradient is that of -mean(A * log pi(pool_k(x_1))) at the first
+    step (ratio 1: the old pooled log-probs are the sampling policy's)."""
+    from agents.ddpo import DDPOAgent
+
+    agent = tiny_agent(DDPOAgent, score_pool=4, train_steps=1, per_prompt_stat_tracking=False)
+    agent.seed(0)
+    rollout = agent.collect()
+    old = agent.pooled_log_probs(rollout, 1)
+    x, x1 = rollout.latents[:, 0], rollout.latents[:, 1]
+    assert torch.allclose(old[:, 0], agent.policy.log_prob(x, x1, 0, rollout.embeds, pool=4), atol=1e-6)
+    assert torch.equal(old[:, 1:], rollout.log_probs[:, 1:])  # the untrained steps keep the rollout's
+    adv = agent.advantages(rollout)
+    params = agent.policy.trainable_parameters()
+    want = torch.autograd.grad(-(adv * agent.policy.log_prob(x, x1, 0, rollout.embeds, pool=4)).mean(), params)
+    agent.optimizer.step = lambda: None  # keep the weights: compare the gradients
+    agent.optimizer.zero_grad = lambda set_to_none=True: None
+    stats = agent.update(rollout)
+    assert stats["policy/approx_kl"] == pytest.approx(0.0, abs=1e-10)
+    for g, w in zip([p.grad for p in params], want):
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-4)
+    assert any(w.abs().sum() > 0 for w in want)
+    whole = torch.autograd.grad(-(adv * agent.policy.log_prob(x, x1, 0, rollout.embeds)).mean(), params)
+    assert not all(torch.allclose(a, b) for a, b in zip(whole, want))  # pooling changed the gradient
+
+
+def test_a_score_pool_that_does_not_divide_the_latents_is_refused(tiny_agent):
+    from agents.ddpo import DDPOAgent
+
+    with pytest.raises(ValueError, match=r"score_pool = 3 is invalid: it must divide the latents' side \(16 pixels\), "
+                                         r"for example 1, 2, 4, 8, 16"):
+        tiny_agent(DDPOAgent, score_pool=3)

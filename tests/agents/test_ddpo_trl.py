@@ -98,6 +98,7 @@ def test_one_trl_epoch_trains_the_policy_weights(trl_agent):
     ({"antithetic": True}, "antithetic = true needs an even agent.group_size"),  # TRL has no groups
     ({"shared_noise": True}, "shared_noise = true needs agent.group_size"),
     ({"train_steps": 2}, "all T"),
+    ({"score_pool": 2}, "TRL's loss scores the whole action"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
 ])
 def test_config_rejects_what_trl_cannot_do(bad, match):

@@ -54,8 +54,9 @@ def test_dpok_loss_at_ratio_one_is_the_policy_gradient():
     assert loss_inf.item() == pytest.approx((-(adv * math.e)).mean().item())  # unclipped importance weight
 
 
-def test_update_changes_parameters_and_kl_is_zero_at_the_reference():
-    agent = make_agent(kl_beta=1.0)
+@pytest.mark.parametrize("score_pool", [1, 4])  # 4: the pooled action's log-probs, the KL of the whole step
+def test_update_changes_parameters_and_kl_is_zero_at_the_reference(score_pool):
+    agent = make_agent(kl_beta=1.0, score_pool=score_pool)
     # a fresh LoRA policy (B = 0) is the reference model: the per-step KL is exactly 0
     rollout = agent.collect()
     _, kl = agent.policy.log_prob_and_kl(rollout.latents[:, 0], rollout.latents[:, 1], 0, rollout.embeds)
@@ -63,6 +64,7 @@ def test_update_changes_parameters_and_kl_is_zero_at_the_reference():
     before = [p.detach().clone() for p in agent.policy.trainable_parameters()]
     stats = agent.update(rollout)  # one minibatch: evaluated before the optimizer step
     assert stats["loss/kl"] == 0.0 and stats["policy/kl_to_ref"] == 0.0
+    assert stats["policy/approx_kl"] == pytest.approx(0.0, abs=1e-10)  # ratio 1: old log-probs as re-evaluated
     assert {"loss/policy", "policy/approx_kl", "policy/clipfrac", "policy/grad_norm"} <= set(stats)
     assert all(math.isfinite(v) for v in stats.values())
     after = agent.policy.trainable_parameters()
