@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     overrides = [*args.overrides, f"+control={args.control}"]
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append(f"output_dir=runs/control-{args.control}-seed${{seed}}")
-    cfg = compose_config(overrides)  # once: validated and trained as composed
+    try:
+        cfg = compose_config(overrides)  # once: validated and trained as composed
+        validated = validate(cfg)
+    except ValueError as err:  # as the training command says it: one line, exit 2
+        parser.exit(2, f"error: {err}\n")
     if cfg.agent.name not in AGENTS:
         raise SystemExit(f"error: agent={cfg.agent.name} is invalid for a reward control: it must read the env's "
                          f"reward as it samples ({', '.join(AGENTS)})")
-    trainer = Trainer(cfg, validate(cfg))
+    trainer = Trainer(cfg, validated)
     reward = JudgeReward(args.control)
     for env in [trainer.env, *(env for _, _, env in trainer.eval_sets.values())]:
         env.reward_fn = reward

@@ -23,13 +23,19 @@ def test_a_control_run_optimizes_the_judge_or_its_negation(tiny_assets, tmp_path
                                                               else 1 - r["reward/gold"], abs=1e-6) for r in trained)
 
 
-def test_a_control_names_itself_in_the_config_and_refuses_agents_that_would_not_optimize_it(tiny_assets, tmp_path):
+def test_a_control_names_itself_in_the_config_and_refuses_agents_that_would_not_optimize_it(tiny_assets, tmp_path,
+                                                                                            capsys):
     overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run", env="raw")
     clip = f"env.reward={{name:clip,path:'{reward['path']}'}}"
     main(["--control", "anti", *overrides, clip, "samples.every=0"])
     assert "control: anti" in (tmp_path / "run" / "config.yaml").read_text()
-    with pytest.raises(ValueError, match=r"holds a run of another config \(control: anti -> oracle"):
+    capsys.readouterr()  # the first run's progress bars
+    with pytest.raises(SystemExit) as stop:
         main(["--control", "oracle", *overrides, clip, "samples.every=0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output_dir = ") and "holds a run of another config (control: anti -> oracle" in err
+    assert err.count("\n") == 1  # one line, no traceback
     refl, _ = tiny_overrides(tiny_assets, tmp_path / "refl", agent="refl", env="raw")
     with pytest.raises(SystemExit, match="agent=refl is invalid for a reward control"):
         main(["--control", "oracle", *refl, clip])
