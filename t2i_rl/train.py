@@ -40,6 +40,9 @@ def check_overrides(argv: list[str]) -> None:
     """Unknown group options fail in one line before Hydra prints a page about them."""
     for arg in argv:
         key, _, value = arg.partition("=")
+        if key.lstrip("+~").startswith("hydra.sweeper."):  # precheck runs without --multirun only
+            raise ValueError(f"{key} = {value} is a sweep's setting, which a single run has no use for: add "
+                             "--multirun (python -m t2i_rl.train --multirun ...)")
         if key in GROUPS and value not in group_options(key):
             raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}")
 

@@ -53,6 +53,8 @@ CASES = [
      "early_stop.enabled = true needs held-out prompts to watch, but eval.num_prompts = 0"),
     ("early_stop_without_evaluations", lambda t: ["early_stop.enabled=true", "eval.every=0"],
      "early_stop.enabled = true needs evaluations to compare, but eval.every = 0"),
+    ("sweep_without_multirun", lambda t: ["hydra.sweeper.params={agent.lr:1e-3}"],
+     "hydra.sweeper.params = {agent.lr:1e-3} is a sweep's setting, which a single run has no use for: add --multirun"),
     ("lora_targets_empty", lambda t: ["agent.lora_targets=[]"], "agent.lora_targets = [] is invalid: the UNet layers"),
     ("lora_target_matching_no_layer", lambda t: ["agent.lora_targets=[to_q,attn3.to_k]"],
      "agent.lora_targets = ['to_q', 'attn3.to_k'] is invalid: 'attn3.to_k' matches no layer of the UNet"),
