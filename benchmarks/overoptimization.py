@@ -12,8 +12,8 @@ metrics.jsonl holds its final evaluation is skipped, an unfinished one resumes f
 checkpoint. Then it writes `--doc`, a markdown table per agent x reward over the seeds (mean and
 min-max): the peak of train gold (the judge's all-correct on the training prompts, fixed noise) and
 its epoch, train and held-out gold at the peak and at the end, the optimized proxy at the end, and
-the KL to base at the peak and at the end; and one PNG per agent beside it
-(`overoptimization_<agent>.png`): train and held-out gold against KL and against epochs, the proxy
+the KL to base at the peak and at the end; and one PNG per agent beside it (`<doc>_<agent>.png`,
+or `<doc>.png` for a grid of one agent): train and held-out gold against KL and against epochs, the proxy
 against epochs, one colour per reward, one line per seed. A proxy that climbs while gold peaks and
 falls is the overoptimization the package is for.
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "over prompts.", "",
             head_to_head_table(args.out, args.agents, args.rewards, args.seeds, args.epochs), ""]
     for agent in args.agents:
-        png = args.doc.parent / f"overoptimization_{agent}.png"
+        png = args.doc.with_name(f"{args.doc.stem}{'_' + agent if len(args.agents) > 1 else ''}.png")
         plot(args.out, agent, args.rewards, args.seeds, png, args.epochs)
         body += [f"![{agent}: gold and proxy against KL and epochs, per reward]({png.name})", ""]
     args.doc.write_text("\n".join(body))

@@ -34,7 +34,7 @@ def test_the_grid_trains_each_cell_once_resumes_and_writes_its_table(tiny_assets
     text = doc.read_text()
     assert "| ddpo | raw | 1 |" in text and "| ddpo | textnorm | 1 |" in text
     assert "| agent | reward vs raw |" in text and "| ddpo | textnorm | 1 | 4 |" in text  # 4 held-out images
-    assert (doc.parent / "overoptimization_ddpo.png").stat().st_size > 10_000
+    assert doc.with_suffix(".png").stat().st_size > 10_000  # one agent: the doc's name
 
 
 def test_cell_summary_finds_the_peak_and_the_end():
