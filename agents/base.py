@@ -66,6 +66,9 @@ class AgentConfig:
                 raise ValueError(f"agent.{key} = {getattr(self, key)!r} is invalid: {self.help(key)}; "
                                  f"{_RULES.get(key, 'must be positive')}")
 
+    def check_latent_side(self, side: int) -> None:
+        """Refuse settings that the latents' size (side x side) does not allow; none here."""
+
     @classmethod
     def help(cls, key: str) -> str:
         return next(f.metadata.get("help", "") for f in fields(cls) if f.name == key)

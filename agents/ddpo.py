@@ -52,8 +52,9 @@ class DDPOConfig(AgentConfig):
         "help": "the trained steps' log-probs are those of the action's k x k average pools over the latent "
                 "pixels (1: the whole action, DDPO as published). The score-function gradient A z / sigma "
                 "carries noise in every latent dimension while the reward is decided by the coarse layout; "
-                "the pooled action's score keeps 1/k^2 of the dimensions, and drops the fine detail's share of "
-                "the gradient. The old log-probs are re-evaluated before the update (one extra forward of "
+                "the pooled action's score keeps 1/k^2 of the dimensions (it is the whole score projected on "
+                "block-constant moves of the mean, so ratios and clip_range keep their scale), and drops the "
+                "fine detail's share of the gradient. The old log-probs are re-evaluated before the update (one extra forward of "
                 "the trained steps). Must divide the latents' height and width"})
     step_chunk: int = field(default=0, metadata={
         "help": "denoising steps re-evaluated per UNet call in the update (0: all sampled steps of a "
@@ -87,6 +88,11 @@ class DDPOConfig(AgentConfig):
         if self.group_size and self.samples_per_epoch % self.group_size:
             raise ValueError(f"agent.samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
                              f"agent.group_size ({self.group_size})")
+
+    def check_latent_side(self, side: int) -> None:
+        if side % self.score_pool:
+            raise ValueError(f"agent.score_pool = {self.score_pool} is invalid: it must divide the latents' side "
+                             f"({side} pixels), for example {', '.join(str(k) for k in range(1, side + 1) if side % k == 0)}")
 
     def minibatch_unit(self) -> int:
         """The rows an optimizer step takes together: with antithetic pairs, whole pairs (2), else any
@@ -139,10 +145,7 @@ class DDPOAgent(Agent):
         if cfg.train_steps > policy.num_steps:
             raise ValueError(f"agent.train_steps = {cfg.train_steps} is invalid: the sampler has only "
                              f"{policy.num_steps} steps (env.num_steps)")
-        side = env.latent_shape[-1]
-        if side % cfg.score_pool:
-            raise ValueError(f"agent.score_pool = {cfg.score_pool} is invalid: it must divide the latents' side "
-                             f"({side} pixels), for example {', '.join(str(k) for k in range(1, side + 1) if side % k == 0)}")
+        cfg.check_latent_side(env.latent_shape[-1])
         if cfg.antithetic and env.num_envs % 2:
             raise ValueError(f"agent.antithetic = true needs an even env.batch_size (pairs share a reset), "
                              f"got {env.num_envs}")
@@ -237,9 +240,11 @@ class DDPOAgent(Agent):
         (the later columns stay the rollout's: never trained on). Called before the update's first
         step, so the policy still is the one that sampled."""
         out = rollout.log_probs.clone()
-        for step in range(trained):
-            out[:, step] = self.policy.log_prob(rollout.latents[:, step], rollout.latents[:, step + 1], step,
-                                                rollout.embeds, pool=self.cfg.score_pool)
+        for start in range(0, len(rollout), self.env.num_envs):  # the sampler's batch: it fits in memory
+            rows = slice(start, start + self.env.num_envs)
+            for step in range(trained):
+                out[rows, step] = self.policy.log_prob(rollout.latents[rows, step], rollout.latents[rows, step + 1],
+                                                       step, rollout.embeds[rows], pool=self.cfg.score_pool)
         return out
 
     def state_dict(self) -> dict:

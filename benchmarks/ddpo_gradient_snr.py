@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--estimates and --redraws must be >= 2, --samples >= 1")
     if args.group_size and args.samples % args.group_size:
         p.error(f"--samples ({args.samples}) must be a multiple of --group-size ({args.group_size})")
+    if args.antithetic and (len(args.train_steps) > 1 or not args.group_size or args.group_size % 2):
+        p.error("--antithetic needs one --train-steps setting (the steps it mirrors) and an even --group-size")
     if args.sensitivity_prompts < 0 or any(k < 1 for k in args.score_pool):
         p.error("--sensitivity-prompts must be >= 0 and --score-pool >= 1")
     if any(k < 0 or k > args.steps for k in args.train_steps):
@@ -134,8 +136,7 @@ def main(argv=None) -> None:
             print(f"{'step ' + str(t) if t < len(sens) - 1 else 'every step':<16}{v:>10.4f}{share}", flush=True)
 
     cfg = dict(samples_per_epoch=args.samples, train_batch_size=args.samples, group_size=args.group_size,
-               lora_rank=args.lora_rank, antithetic=args.antithetic,
-               train_steps=max(args.train_steps, key=lambda k: k or args.steps))  # the mirrored steps
+               lora_rank=args.lora_rank, antithetic=args.antithetic, train_steps=args.train_steps[0])
     probe = GradientProbe(DDPOConfig(**cfg), env, policy)
     rollouts = []
     for e in range(args.estimates):

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except ValueError as err:  # as the training command says it: one line, exit 2
         parser.exit(2, f"error: {err}\n")
     if cfg.agent.name not in AGENTS:
-        raise SystemExit(f"error: agent={cfg.agent.name} is invalid for a reward control: it must read the env's "
-                         f"reward as it samples ({', '.join(AGENTS)})")
+        parser.exit(2, f"error: agent={cfg.agent.name} is invalid for a reward control: it must read the env's "
+                       f"reward as it samples ({', '.join(AGENTS)})\n")
     trainer = Trainer(cfg, validated)
     reward = JudgeReward(args.control)
     for env in [trainer.env, *(env for _, _, env in trainer.eval_sets.values())]:

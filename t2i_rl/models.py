@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -211,15 +212,38 @@ def check_model_config(model: Mapping[str, Any]) -> None:
             raise ValueError(f"model.{key} = {model[key]!r} is invalid: must be {rule}")
 
 
-def unet_layer_names(name_or_path: str) -> list[str] | None:
-    """The dotted names of the UNet's layers of a shipped or local pipeline, built from its config on
-    the meta device (no weights read); None for a hub id, whose config is not here to read."""
-    folder = Path(SHIPPED_PIPELINES.get(name_or_path, name_or_path)).expanduser() / "unet"
-    if not (folder / "config.json").is_file():
+def _local_config(name_or_path: str, component: str, cls) -> dict | None:
+    """A pipeline component's config without its weights: from a shipped name, a local folder, or a
+    hub id already in the local cache; None when it is not here to read."""
+    folder = Path(SHIPPED_PIPELINES.get(name_or_path, name_or_path)).expanduser()
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notices: not the user's business here
+            warnings.simplefilter("ignore")
+            return cls.load_config(str(folder) if folder.is_dir() else name_or_path, subfolder=component,
+                                   local_files_only=True)
+    except (OSError, ValueError):  # not a folder here, nor in the hub cache
+        return None
+
+
+def unet_layer_names(name_or_path: str) -> dict[str, str] | None:
+    """Each module of the pipeline's UNet, its dotted path -> class name, built from its config on
+    the meta device (no weights read); None when the config is not here to read."""
+    config = _local_config(name_or_path, "unet", UNet2DConditionModel)
+    if config is None:
         return None
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
-    return [name for name, _ in unet.named_modules()]
+        unet = UNet2DConditionModel.from_config(config)
+    return {name: type(module).__name__ for name, module in unet.named_modules()}
+
+
+def latent_side(name_or_path: str, resolution: int | None) -> int | None:
+    """The side of the latents the pipeline denoises at `resolution` (None: its native size), read
+    from its configs; None when they are not here to read."""
+    unet = _local_config(name_or_path, "unet", UNet2DConditionModel)
+    vae = _local_config(name_or_path, "vae", AutoencoderKL)
+    if unet is None or vae is None:
+        return None
+    return unet["sample_size"] if resolution is None else resolution // 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def _refuse_unsupported(folder: Path) -> None:
@@ -270,7 +294,7 @@ def load_pipeline(
     if local.is_dir():
         _refuse_unsupported(local)
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+        str(local) if local.is_dir() else str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
     )
     # DDIM's own default clip_sample=True is for pixel-space models; SD's latents are never clipped
     # (StableDiffusionPipeline turns it off too), so a scheduler config that does not say keeps it off.

@@ -184,7 +184,7 @@ class DiffusionPolicy:
                     "pipe.unet already carries a PEFT adapter; build the policy on a fresh pipeline "
                     "(its reference model is the UNet with adapters disabled)"
                 )
-            check_lora_targets([name for name, _ in self.unet.named_modules()], lora_target_modules)
+            check_lora_targets({n: type(m).__name__ for n, m in self.unet.named_modules()}, lora_target_modules)
             self.unet.requires_grad_(False)
             self.unet.add_adapter(
                 LoraConfig(
@@ -198,8 +198,6 @@ class DiffusionPolicy:
             # state and gradients) and PEFT casts its input up and its output back around it
             for p in self.trainable_parameters():
                 p.data = p.data.float()
-        if not self.trainable_parameters():
-            raise ValueError(f"no trainable parameters: lora_target_modules={tuple(lora_target_modules)} matched nothing")
 
         # the frozen weights' dtype, fixed from here on: diffusers' `unet.dtype` walks the parameters on
         # every call, which cost 10% of a ShapesWorld epoch when asked three times per UNet call
@@ -409,14 +407,20 @@ class DiffusionPolicy:
 
         With `pool` = k > 1 it is the log-density of the action's k x k average pools, N(pool(mean),
         (std / k)^2 I): the coarse part of x, a marginal of the same Gaussian, whose score moves the
-        mean only through its block averages."""
+        mean only through its block averages. Its "mean" divides by the whole action's element count,
+        so that its gradient in the mean is the whole log-prob's averaged over each block (the same
+        scale: PPO's ratios and clip range mean what they mean without pooling)."""
         _check_reduce(reduce)
         std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+        elements = x[0].numel()
         if pool != 1:
-            if x.ndim != 4 or x.shape[-1] % pool or x.shape[-2] % pool:
-                raise ValueError(f"pool = {pool} must divide the latents' height and width, got shape {tuple(x.shape)}")
+            if not (isinstance(pool, int) and pool >= 1) or x.ndim != 4 or x.shape[-1] % pool or x.shape[-2] % pool:
+                raise ValueError(f"pool = {pool} must be an int >= 1 dividing the latents' height and width, got "
+                                 f"shape {tuple(x.shape)}")
             x, mean, std = F.avg_pool2d(x.float(), pool), F.avg_pool2d(mean, pool), std / pool
         logp = -((x.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+        if pool != 1 and reduce == "mean":
+            return _reduce(logp, "sum") / elements
         return _reduce(logp, reduce)
 
     # ---------------------------------------------------------------- acting and scoring

@@ -42,7 +42,7 @@ def check_overrides(argv: list[str]) -> None:
         key, _, value = arg.partition("=")
         if key.lstrip("+~").startswith("hydra.sweeper."):  # precheck runs without --multirun only
             raise ValueError(f"{key} = {value} is a sweep's setting, which a single run has no use for: add "
-                             "--multirun (python -m t2i_rl.train --multirun ...)")
+                             "--multirun to the training command")
         if key in GROUPS and value not in group_options(key):
             raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}")
 
@@ -137,8 +137,10 @@ def check_output_dir(output_dir: str) -> None:
 # what a resumed run may change: how long it runs and on how many threads, not what it trains
 RESUME_MAY_CHANGE = frozenset({"epochs", "budget_minutes", "resume", "output_dir", "threads"})
 # keys added after runs were saved without them, and what such a run did: it resumes unchanged when
-# these values are given (env.monitor=null early_stop.watch=gold)
-SAVED_WITHOUT = {"env.monitor": None, "early_stop.watch": "gold", "agent.lora_targets": list(LORA_TARGETS)}
+# these values are given (env.monitor=null early_stop.watch=gold); a key only some agents have is
+# filled in only where the config now has it
+SAVED_WITHOUT = {"env.monitor": None, "early_stop.watch": "gold", "agent.lora_targets": list(LORA_TARGETS),
+                 "agent.score_pool": 1}
 
 
 def config_changes(cfg: DictConfig) -> list[str]:
@@ -151,10 +153,13 @@ def config_changes(cfg: DictConfig) -> list[str]:
     if not (cfg.resume and saved.is_file() and find_checkpoint(run_dir / "checkpoints" / "last")):
         return []
     before = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
-    for key, value in SAVED_WITHOUT.items():
-        if not any(k == key or k.startswith(key + ".") for k in before):
-            before[key] = value
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    def has(flat: dict, key: str) -> bool:
+        return any(k == key or k.startswith(key + ".") for k in flat)
+
+    for key, value in SAVED_WITHOUT.items():
+        if has(now, key) and not has(before, key):
+            before[key] = value
     unset = "(unset)"
     keys = [k for k in sorted(before.keys() | now.keys()) if k not in RESUME_MAY_CHANGE and not k.startswith("hydra.")]
     return [f"{k}: {before.get(k, unset)} -> {now.get(k, unset)}" for k in keys
@@ -304,11 +309,13 @@ def validate(cfg: DictConfig):
         if not fills_batches(agent_cfg.samples_per_epoch, cfg.env.batch_size):
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid: must be at most "
                              f"env.batch_size ({cfg.env.batch_size}) or a multiple of it")
-    from t2i_rl.models import check_model_config, unet_layer_names  # diffusers, the slowest import: last
+    from t2i_rl.models import check_model_config, latent_side, unet_layer_names  # diffusers, the slowest: last
 
     check_model_config(cfg.model)
     if agent_cfg.lora_rank is not None and (layers := unet_layer_names(cfg.model.pipeline)) is not None:
         check_lora_targets(layers, agent_cfg.lora_targets, key="agent.lora_targets")
+    if (side := latent_side(cfg.model.pipeline, cfg.model.resolution)) is not None:
+        agent_cfg.check_latent_side(side)
     distributed.check_precision(cfg.model.dtype)
     if model_float16(cfg.model, agent_cfg) and cls.own_optimizer_reason:
         raise ValueError(f"model.dtype = float16 is invalid for agent={cfg.agent.name} with LoRA: its float16 "

@@ -314,11 +314,16 @@ def test_the_adapter_goes_on_the_named_layers_only(make_pipe, latents, targets, 
     assert all(p.grad is not None for p in pol.trainable_parameters())
 
 
-def test_lora_targets_that_match_no_layer_are_refused_before_any_adapter(make_pipe):
+@pytest.mark.parametrize("targets, match", [
+    (("to_q", "attn3.to_k"), r"'attn3.to_k' matches no layer of the UNet"),
+    (("attn2",), r"'attn2' names Attention modules, which LoRA cannot wrap; name the Linear, Conv1d, Conv2d or "
+                 r"Embedding layers inside them"),
+    (("to_out",), r"'to_out' names ModuleList modules"),  # to_out.0 is the projection; to_out holds it and a dropout
+])
+def test_lora_targets_that_name_no_layer_lora_can_wrap_are_refused_before_any_adapter(make_pipe, targets, match):
     pipe = make_pipe()
-    with pytest.raises(ValueError, match=r"lora_target_modules = \['to_q', 'attn3.to_k'\] is invalid: "
-                                         r"'attn3.to_k' matches no layer of the UNet"):
-        DiffusionPolicy(pipe, lora_target_modules=("to_q", "attn3.to_k"))
+    with pytest.raises(ValueError, match=r"lora_target_modules = \[.*\] is invalid: " + match):
+        DiffusionPolicy(pipe, lora_target_modules=targets)
     assert not getattr(pipe.unet, "_hf_peft_config_loaded", False)  # nothing was added: the pipe is reusable
     DiffusionPolicy(pipe, lora_target_modules=("to_q",))
 

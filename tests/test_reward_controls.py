@@ -37,8 +37,9 @@ def test_a_control_names_itself_in_the_config_and_refuses_agents_that_would_not_
     assert err.startswith("error: output_dir = ") and "holds a run of another config (control: anti -> oracle" in err
     assert err.count("\n") == 1  # one line, no traceback
     refl, _ = tiny_overrides(tiny_assets, tmp_path / "refl", agent="refl", env="raw")
-    with pytest.raises(SystemExit, match="agent=refl is invalid for a reward control"):
+    with pytest.raises(SystemExit) as stop:
         main(["--control", "oracle", *refl, clip])
+    assert stop.value.code == 2 and "agent=refl is invalid for a reward control" in capsys.readouterr().err
 
 
 def test_the_judge_reward_is_the_gold_score_and_refuses_other_controls():

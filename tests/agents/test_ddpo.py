@@ -198,9 +198,30 @@ def test_the_pooled_log_prob_is_the_density_of_the_block_means():
     # the mean of 4 draws of N(0, 2^2) is N(0, 1): log N(4; 0, 1) + log N(0.5; 0, 1)
     want = -(4.0**2) / 2 - (0.5**2) / 2 - 2 * 0.5 * math.log(2 * math.pi)
     assert logp.item() == pytest.approx(want, abs=1e-5)
+    # "mean" divides by the whole action's 8 elements, not by the 2 pools
+    assert DiffusionPolicy.gaussian_log_prob(x, mean, 2.0, pool=2).item() == pytest.approx(want / 8, abs=1e-6)
     assert torch.equal(DiffusionPolicy.gaussian_log_prob(x, mean, 2.0, pool=1), DiffusionPolicy.gaussian_log_prob(x, mean, 2.0))
-    with pytest.raises(ValueError, match=r"pool = 3 must divide the latents' height and width, got shape \(1, 1, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"pool = 3 must be an int >= 1 dividing the latents' height and width, "
+                                         r"got shape \(1, 1, 2, 4\)"):
         DiffusionPolicy.gaussian_log_prob(x, mean, 2.0, pool=3)
+
+
+def test_the_pooled_score_is_the_whole_score_averaged_over_each_block():
+    """d/d mean of the pooled "mean" log-prob = the whole one's gradient averaged over each k x k block,
+    here with one std per row (the update's rows at several steps)."""
+    from t2i_rl.policy import DiffusionPolicy
+
+    g = torch.Generator().manual_seed(0)
+    x, mean = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    std = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1, 1)
+    grads = []
+    for pool in (1, 2):
+        m = mean.clone().requires_grad_(True)
+        DiffusionPolicy.gaussian_log_prob(x, m, std, pool=pool).sum().backward()
+        grads.append(m.grad)
+    whole, pooled = grads
+    block_avg = torch.nn.functional.avg_pool2d(whole, 2).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    torch.testing.assert_close(pooled, block_avg, atol=1e-6, rtol=1e-5)
 
 
 def test_score_pool_trains_on_the_pooled_score(tiny_agent):

@@ -328,18 +328,22 @@ def test_the_monitor_leaves_the_runs_random_stream_alone(tiny_assets, tmp_path):
         assert one[key] == two[key], key
 
 
-def test_a_run_saved_before_the_monitor_existed_resumes_with_what_it_did(tiny_assets, tmp_path):
-    """A config.yaml without env.monitor, early_stop.watch and agent.lora_targets (saved before they
-    existed) counts as env.monitor=null early_stop.watch=gold and the LoRA on every attention
-    projection: given those, it resumes; the defaults are a listed change, other targets too."""
+@pytest.mark.parametrize("agent", ["ddpo", "refl"])  # refl: an agent without score_pool gets none filled in
+def test_a_run_saved_before_the_monitor_existed_resumes_with_what_it_did(tiny_assets, tmp_path, agent):
+    """A config.yaml without env.monitor, early_stop.watch, agent.lora_targets and agent.score_pool
+    (saved before they existed) counts as env.monitor=null early_stop.watch=gold, the LoRA on every
+    attention projection and the whole action's score: given those, it resumes; the defaults are a
+    listed change, other targets too."""
     from omegaconf import OmegaConf
 
     from t2i_rl.train import config_changes
 
-    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run")
+    overrides, reward = tiny_overrides(tiny_assets, tmp_path / "run", agent=agent)
     run(compose_cfg((overrides, reward)))
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert ("score_pool" in saved.agent) == (agent == "ddpo")
     del saved.env["monitor"], saved.early_stop["watch"], saved.agent["lora_targets"]
+    saved.agent.pop("score_pool", None)
     OmegaConf.save(saved, tmp_path / "run" / "config.yaml")
     legacy = [o for o in overrides if not o.startswith("env.monitor")] + ["env.monitor=null", "early_stop.watch=gold"]
     assert config_changes(compose_cfg(([*legacy, "epochs=2"], reward))) == []
