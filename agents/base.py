@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -44,6 +45,8 @@ class AgentConfig:
     per_process_fields: ClassVar[tuple[str, ...]] = ("samples_per_epoch", "train_batch_size")
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, Sequence) and not isinstance(self.lora_targets, str):
+            self.lora_targets = list(self.lora_targets)  # a tuple, or Hydra's ListConfig
         for f in fields(self):  # NaN or inf would reach the weights in one step; +inf only where it means "off"
             value, inf_ok = getattr(self, f.name), f.metadata.get("inf_ok", False)
             if isinstance(value, float) and not (math.isfinite(value) or value == math.inf and inf_ok):
@@ -58,7 +61,7 @@ class AgentConfig:
             "train_batch_size": self.train_batch_size >= 1,
             "kl_coef": self.kl_coef >= 0,
             "lora_rank": self.lora_rank is None or self.lora_rank >= 1,
-            "lora_targets": (isinstance(self.lora_targets, (list, tuple)) and len(self.lora_targets) > 0
+            "lora_targets": (isinstance(self.lora_targets, list) and len(self.lora_targets) > 0
                              and all(isinstance(t, str) and t.strip() for t in self.lora_targets)),
         }
         for key, ok in checks.items():
