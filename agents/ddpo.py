@@ -54,8 +54,8 @@ class DDPOConfig(AgentConfig):
                 "carries noise in every latent dimension while the reward is decided by the coarse layout; "
                 "the pooled action's score keeps 1/k^2 of the dimensions (it is the whole score projected on "
                 "block-constant moves of the mean, so ratios and clip_range keep their scale), and drops the "
-                "fine detail's share of the gradient. The old log-probs are re-evaluated before the update (one extra forward of "
-                "the trained steps). Must divide the latents' height and width"})
+                "fine detail's share of the gradient. The old log-probs are re-evaluated before the update "
+                "(one extra forward of the trained steps). Must divide the latents' height and width"})
     step_chunk: int = field(default=0, metadata={
         "help": "denoising steps re-evaluated per UNet call in the update (0: all sampled steps of a "
                 "minibatch in one call; 1: one step per call, as TRL does); the gradient is the same"})
@@ -91,8 +91,9 @@ class DDPOConfig(AgentConfig):
 
     def check_latent_side(self, side: int) -> None:
         if side % self.score_pool:
+            divisors = ", ".join(str(k) for k in range(1, side + 1) if side % k == 0)
             raise ValueError(f"agent.score_pool = {self.score_pool} is invalid: it must divide the latents' side "
-                             f"({side} pixels), for example {', '.join(str(k) for k in range(1, side + 1) if side % k == 0)}")
+                             f"({side} pixels), for example {divisors}")
 
     def minibatch_unit(self) -> int:
         """The rows an optimizer step takes together: with antithetic pairs, whole pairs (2), else any

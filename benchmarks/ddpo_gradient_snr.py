@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default="composition-train", help="env.prompts")
     p.add_argument("--reward", default="textnorm", choices=sorted(REWARDS))
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--sensitivity-prompts", type=int, default=16, help="prompts of the step-sensitivity table (0: no table)")
+    p.add_argument("--sensitivity-prompts", type=int, default=16,
+                   help="prompts of the step-sensitivity table (0: no table)")
     p.add_argument("--redraws", type=int, default=4, help="redraws per prompt in the step-sensitivity table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -294,7 +294,8 @@ def load_pipeline(
     if local.is_dir():
         _refuse_unsupported(local)
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(local) if local.is_dir() else str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+        str(local) if local.is_dir() else str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
+        **kwargs
     )
     # DDIM's own default clip_sample=True is for pixel-space models; SD's latents are never clipped
     # (StableDiffusionPipeline turns it off too), so a scheduler config that does not say keeps it off.

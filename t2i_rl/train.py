@@ -154,6 +154,7 @@ def config_changes(cfg: DictConfig) -> list[str]:
         return []
     before = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+
     def has(flat: dict, key: str) -> bool:
         return any(k == key or k.startswith(key + ".") for k in flat)
 
