@@ -22,15 +22,23 @@ How it reads an image (32x32; larger images are reduced to it):
    The local background is the masked median of 15x15 windows, so gradients and smooth blotches are
    background, not objects.
 2. Objects: pixels far from the local background, split by colour (each pixel is unmixed into
-   background + alpha x object colour, and takes the palette colour that explains it best).
+   background + alpha x object colour, and takes the palette colour most of its 3x3 neighbourhood
+   is explained best by). An object's colour is named from its core's lightness and from its
+   chroma summed over it and a 2 px ring, per unit of its lightness: JPEG smears colour but keeps
+   its sum, so a small object's colour is read as a person reads it through the smear.
 3. Counting: a region of one colour is as many objects as its distance transform has separate peaks,
    so touching and overlapping objects count as a person counts them.
-4. Shape, from rotation-invariant moments of the object's coverage: a triangle (any orientation) has
-   third-order moments, a square (any rotation) a fourth harmonic, a circle neither; elongation over
-   4:3 is neither a circle nor a square. Where the moments hesitate (small hard-edged objects, whose
+4. Shape, from rotation-invariant moments of the object's coverage (read from lightness where its
+   outline is sharper there, as JPEG keeps it): a triangle (any orientation) has third-order
+   moments, a square (any rotation) a fourth harmonic, a circle neither; elongation over 4:3 is
+   neither a circle nor a square. Where the moments hesitate (small hard-edged objects, whose
    pixels make a square look rounder or longer than it is), and for an object cut by the border,
-   each shape is fitted instead, both sides blurred alike, and the better fit decides.
-5. Faint objects (contrast from 10% of the way to a palette colour) are objects of no palette colour.
+   each shape is fitted instead, both sides blurred alike, and the better fit decides. An outline
+   blurred past 0.8 px (JPEG's colour-only edges) is fitted at its own blur: unsure where the blur
+   leaves the shapes alike, as it leaves a person.
+5. Faint objects (contrast from 10% of the way to a palette colour) are objects of no palette
+   colour, unless their colour has no lightness to go with it: that is JPEG's smeared or ringing
+   chroma beside an object, not an object.
 """
 
 from __future__ import annotations
@@ -62,7 +70,6 @@ FAINT_DISTANCE = 0.035  # smoothed distance from the background above its noise:
 FAINT_CONTRAST = (0.06, 0.10)  # alpha towards a palette colour: unsure from, sure from
 FAINT_MIN_AREA = 16.0
 TEXTURE_ASPECT = 3.0  # a faint region longer than this (a stripe) is texture, not an object
-MERGED_ELONGATION = 1.25  # rounder regions are one object (two touching equal disks: 2.2)
 SPLIT_PROMINENCE = (0.6, 1.0)  # px of distance-transform peak over its saddle: unsure from, sure from
 TRIANGLE_MOMENT = (0.30, 0.50)  # third-order moment: unsure from, triangle from (0.75 vs < 0.08)
 ROUND_ASPECT = (1.18, 1.33)  # elongation: unsure from, "not a circle or a square" from (4:3)
@@ -72,6 +79,15 @@ FIT_MARGIN = 1.4  # the best fit must beat the second shape by this factor to be
 FIT_BLUR = 0.6  # px: the Gaussian both sides of a fit are compared under
 FIT_ROTATIONS = 8  # rotations tried per period before a fit's search starts ...
 FIT_SEARCHES = 2  # ... from the best this many of them
+EDGE_BLUR = 0.8  # px: outlines more blurred than this are read by fits at their blur
+# JPEG (4:2:0) keeps lightness at full resolution and stores colour at half, coarsely quantized
+_LUMA = np.array([0.299, 0.587, 0.114])  # Y' of BT.601, JPEG's lightness
+LUMA_CONTRAST = 0.2  # above this luma difference from the background, outlines are read from luma,
+LUMA_MIN_CONTRAST = 0.08  # and from this one, where luma's outline is the sharper
+CHROMA_SPREAD = 2  # px around an object over which its colour's chroma is gathered
+CHROMA_MIN_LUMA = 0.10  # core luma difference from which chroma is read per unit of lightness
+GHOST_LIGHTNESS = 0.7  # a faint region with less lightness than this share of its colour's is smear
+GHOST_AREA = 24.0  # px: a faint region this small whose colour has no lightness of its own is ringing
 
 
 @dataclass(frozen=True)
@@ -305,7 +321,8 @@ def _shape_by_moments(alpha: np.ndarray) -> tuple[str | None, bool]:
 _EDGE_SIGMA = float(np.sqrt(1 / 12 + FIT_BLUR**2))
 
 
-def _template(shape: str, cx: float, cy: float, size: float, rot: float, h: int, w: int) -> np.ndarray:
+def _template(shape: str, cx: float, cy: float, size: float, rot: float, h: int, w: int,
+              sigma: float = _EDGE_SIGMA) -> np.ndarray:
     """Blurred coverage [h, w] of a shape of side (or diameter) `size` centred at (cx, cy), rotated
     by `rot`, at the pixel centres. A Gaussian blur of a square is exactly the product of its two
     sides' edge profiles; a triangle is approximated by the product of its three, a circle by an
@@ -316,10 +333,10 @@ def _template(shape: str, cx: float, cy: float, size: float, rot: float, h: int,
     r = size / 2
 
     def edge(d: np.ndarray) -> np.ndarray:  # share of a blurred half-plane at signed distance d inside
-        return 0.5 * (1 + erf(d / (np.sqrt(2) * _EDGE_SIGMA)))
+        return 0.5 * (1 + erf(d / (np.sqrt(2) * sigma)))
 
     if shape == "circle":
-        return edge(r - np.hypot(u, v) - _EDGE_SIGMA**2 / (2 * r))  # a curved edge blurs inwards
+        return edge(r - np.hypot(u, v) - sigma**2 / (2 * r))  # a curved edge blurs inwards
     if shape == "square":
         return (edge(r - u) - edge(-r - u)) * (edge(r - v) - edge(-r - v))
     # isosceles triangle, base = height = size, centroid at (cx, cy), apex towards -v; the slanted
@@ -328,7 +345,7 @@ def _template(shape: str, cx: float, cy: float, size: float, rot: float, h: int,
     return edge(size / 3 - v) * edge(k * (2 * size / 3 + v - 2 * u)) * edge(k * (2 * size / 3 + v + 2 * u))
 
 
-def _shape_by_fit(alpha: np.ndarray) -> tuple[str | None, bool]:
+def _shape_by_fit(alpha: np.ndarray, sigma: float = _EDGE_SIGMA) -> tuple[str | None, bool]:
     """Fit each shape (its centre may lie outside the frame, for a border-cut object) to what is
     visible, both blurred a little so that hard and anti-aliased edges compare alike; the better
     fit decides, unsure when the two best are close."""
@@ -340,7 +357,7 @@ def _shape_by_fit(alpha: np.ndarray) -> tuple[str | None, bool]:
     norm = float((soft**2).sum())
 
     def error(shape: str, p: np.ndarray) -> float:
-        return float(((_template(shape, p[0], p[1], max(p[2], 2.0), p[3], h, w) - soft) ** 2).sum())
+        return float(((_template(shape, p[0], p[1], max(p[2], 2.0), p[3], h, w, sigma) - soft) ** 2).sum())
 
     errors = {}
     # a square repeats every 90 degrees, a triangle every 120: the rotations on a grid over that
@@ -359,10 +376,25 @@ def _shape_by_fit(alpha: np.ndarray) -> tuple[str | None, bool]:
     return first, errors[second] < FIT_MARGIN * errors[first]
 
 
-def _shape_of(alpha: np.ndarray, touches_border: bool) -> tuple[str | None, bool]:
+def _edge_blur(coverage: np.ndarray) -> float:
+    """The Gaussian sigma (px) of an object's outline, from its coverage: across an edge blurred by
+    sigma, 4a(1 - a) sums to 4 sigma / sqrt(pi) per unit of outline length, and |grad a| sums to
+    the length. Hard edges give 0, anti-aliased ones ~0.25 (a pixel's box), JPEG's colour-only
+    outlines (chroma at half resolution) 0.8 and more."""
+    gy, gx = np.gradient(coverage)
+    length = float(np.hypot(gy, gx).sum())
+    return float((4 * coverage * (1 - coverage)).sum()) * np.sqrt(np.pi) / 4 / max(length, 1e-9)
+
+
+def _shape_of(alpha: np.ndarray, coverage: np.ndarray, touches_border: bool) -> tuple[str | None, bool]:
     """Moments decide; where they hesitate short of 4:3 (a small rotated square with hard edges is
     nearly round, a 6 px one drawn 6 x 7 px looks longer) and for border-cut objects, fitting each
-    shape decides."""
+    shape decides. An outline blurred past EDGE_BLUR has lost the corners the moments read, so
+    each shape is fitted to the unsharpened `coverage` at that blur: a large blurred square still
+    fits a square best, a small one fits all shapes alike and is unsure, as for a person."""
+    blur = _edge_blur(coverage)
+    if blur >= EDGE_BLUR:
+        return _shape_by_fit(coverage, float(np.hypot(blur, FIT_BLUR)))
     if touches_border:
         return _shape_by_fit(alpha)
     shape, unsure = _shape_by_moments(alpha)
@@ -374,7 +406,8 @@ def _shape_of(alpha: np.ndarray, touches_border: bool) -> tuple[str | None, bool
 # -- the whole reading -------------------------------------------------------------------------
 
 
-def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, min_area: float) -> list[np.ndarray]:
+def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, others: np.ndarray,
+                 min_area: float) -> list[np.ndarray]:
     """Split a foreground region by colour (touching objects of two colours): each pixel takes the
     palette colour whose unmixing explains it best, and parts too small to be objects (mixed
     edges) join their largest neighbour. The split stands only if every part's colour surely has a
@@ -382,6 +415,11 @@ def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, min
     alpha, resid = _unmix(pix, field_rgb, _OBJ_RGB)
     best = resid.argmin(-1)
     solid = np.take_along_axis(alpha, best[..., None], -1)[..., 0] >= 0.5  # not a mixed edge
+    # each pixel takes the colour most of its 3x3 neighbourhood takes: JPEG flips single 2x2
+    # chroma cells between neighbouring hues (orange and yellow), which are not objects
+    votes = np.stack([ndimage.uniform_filter(((best == k) & region & solid).astype(float), 3, mode="constant")
+                      for k in range(len(_OBJ_RGB))], -1)
+    best = votes.argmax(-1)
     label = np.where(region & solid, best + 1, 0)
     parts = []
     for k in np.unique(label[label > 0]):
@@ -396,10 +434,29 @@ def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, min
     _, (iy, ix) = ndimage.distance_transform_edt(owner == 0, return_indices=True)
     nearest = owner[iy, ix]
     split = [region & (nearest == i) for i in range(1, len(big) + 1)]
-    names = [_name_object_color(pix[p & solid], field_rgb[p & solid]) for p in split]
+    names = [_name_object_color(*_object_color(pix, field_rgb, p, p & solid, ~others & ~(region & ~p)))
+             for p in split]
     if any(name is None or unsure for name, unsure in names) or len({n for n, _ in names}) < len(names):
         return [region]
     return split
+
+
+def _colour_without_lightness(pix: np.ndarray, bg: np.ndarray, kind: np.ndarray, contrast: float,
+                              small: bool) -> bool:
+    """Whether a faint region [M, 3] is a neighbour's colour smeared or ringing (JPEG) rather than
+    an object.
+
+    A faint object is its colour mixed into the background at some alpha, in lightness as in hue;
+    JPEG's smeared and ringing chroma moves hue and saturation but not lightness. Where the
+    region's colour differs from the background in lightness, lightness well under the alpha its
+    hue shows marks it as smear. Where it does not (green on grey, yellow on pink), lightness
+    cannot tell; there only a `small` region (under GHOST_AREA: a whole faint object of the size
+    of the world's objects covers more) is taken for ringing."""
+    k = int(np.bincount(kind).argmax())
+    d_luma = float((_OBJ_RGB[k] - np.median(bg, axis=0)) @ _LUMA)
+    if abs(d_luma) < CHROMA_MIN_LUMA:
+        return small
+    return float(np.median((pix - bg) @ _LUMA)) / d_luma < GHOST_LIGHTNESS * contrast
 
 
 def _faint_objects(smooth: np.ndarray, field_rgb: np.ndarray, dist: np.ndarray, strong: np.ndarray,
@@ -407,7 +464,8 @@ def _faint_objects(smooth: np.ndarray, field_rgb: np.ndarray, dist: np.ndarray, 
     """Regions a person sees although they are faint: colour None (too faint to name), so a
     prompt that does not ask for them fails on colour, as it would with a person."""
     alpha, resid = _unmix(smooth, field_rgb, _OBJ_RGB)
-    best = np.take_along_axis(alpha, resid.argmin(-1)[..., None], -1)[..., 0]
+    kind = resid.argmin(-1)
+    best = np.take_along_axis(alpha, kind[..., None], -1)[..., 0]
     free = ~ndimage.binary_dilation(strong, iterations=3)
     # above the image's own noise too: the median smoothed distance of background pixels is ~1.5
     # sigma of that noise, and a person sees a faint object where it stands ~3.5 sigma out
@@ -421,47 +479,75 @@ def _faint_objects(smooth: np.ndarray, field_rgb: np.ndarray, dist: np.ndarray, 
         if area < FAINT_MIN_AREA * scale or _moments(region.astype(float))[0] > TEXTURE_ASPECT:
             continue
         contrast = float(np.median(best[region]))
+        if _colour_without_lightness(smooth[region], field_rgb[region], kind[region], contrast,
+                                     area < GHOST_AREA * scale):
+            continue
         if contrast >= FAINT_CONTRAST[0]:
             unsure = frozenset() if contrast >= FAINT_CONTRAST[1] else frozenset({"exists"})
             out.append(SeenObject(None, None, area, unsure))
     return out
 
 
-_LUMA = np.array([0.299, 0.587, 0.114])
-LUMA_CONTRAST = 0.2  # above this luma difference from the background, outlines are read from luma
-
-
-def _coverage(pix: np.ndarray, field_rgb: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    """How much of each pixel the object covers, as a person reads an outline: from lightness where
-    the object is much lighter or darker than the background (JPEG keeps luma sharp and smears
-    colour over 2x2 pixels), else from the whole colour difference. On an exact mix of background
-    and object the two are the same number."""
+def _coverage(pix: np.ndarray, field_rgb: np.ndarray, rgb: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """How much of each pixel the object covers (0 outside `near`), as a person reads an outline:
+    from lightness where the object is much lighter or darker than the background (JPEG keeps luma
+    sharp and smears colour over 2x2 pixels), else from the whole colour difference, or from
+    lightness where that outline is the sharper of the two (a moderate lightness contrast under
+    JPEG). On an exact mix of background and object the two are the same number."""
     dy = float((rgb - field_rgb.reshape(-1, 3).mean(0)) @ _LUMA)
-    if abs(dy) >= LUMA_CONTRAST:
-        return np.clip(((pix - field_rgb) @ _LUMA) / dy, 0.0, 1.0)
-    return _unmix(pix, field_rgb, rgb[None])[0][..., 0]
+    luma = np.clip(((pix - field_rgb) @ _LUMA) / dy, 0.0, 1.0) * near if abs(dy) >= LUMA_MIN_CONTRAST else None
+    if luma is not None and abs(dy) >= LUMA_CONTRAST:
+        return luma
+    colour = np.clip(_unmix(pix, field_rgb, rgb[None])[0][..., 0], 0.0, 1.0) * near
+    return luma if luma is not None and _edge_blur(luma) < _edge_blur(colour) else colour
+
+
+def _object_color(pix: np.ndarray, field_rgb: np.ndarray, part: np.ndarray, core: np.ndarray,
+                  allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels [M, 3] and backgrounds [M, 3] an object's colour is named from.
+
+    JPEG keeps lightness sharp and smears colour (chroma at half resolution, coarsely quantized),
+    so a small object's core holds its lightness but only part of its chroma, the rest lying around
+    it. Smearing moves chroma but keeps its sum: the object's chroma is its chroma summed over the
+    object and a ring of CHROMA_SPREAD px around it (within `allowed`), per unit of its lightness
+    summed over the object, times the core's lightness. Lightness is summed without the ring, where
+    it holds only the background's texture. On an image without smear this is the core's own
+    colour. Where the object is not much lighter or darker than the background (under
+    CHROMA_MIN_LUMA), lightness cannot measure it and the core's pixels are named as they are."""
+    dev = pix - field_rgb
+    luma = dev @ _LUMA
+    core_luma = float(np.median(luma[core]))
+    mass = float(luma[ndimage.binary_dilation(part) & allowed].sum())
+    if abs(core_luma) < CHROMA_MIN_LUMA or mass * core_luma <= 0:
+        return pix[core], field_rgb[core]
+    spread = ndimage.binary_dilation(part, iterations=CHROMA_SPREAD) & allowed
+    chroma = (dev[spread] - luma[spread, None]).sum(0)
+    bg = np.median(field_rgb[core], axis=0)
+    return (bg + core_luma + chroma * core_luma / mass)[None], bg[None]
 
 
 def _objects_in(pix: np.ndarray, field_rgb: np.ndarray, dist: np.ndarray, others: np.ndarray,
                 region: np.ndarray, edge: np.ndarray, min_area: float) -> list[SeenObject]:
     """The objects of one connected foreground region (a window of the image around it)."""
     objects = []
-    for part in _color_parts(pix, field_rgb, region, min_area):
+    for part in _color_parts(pix, field_rgb, region, others, min_area):
         core = part & (dist >= np.median(dist[part]))
         rgb = np.median(pix[core], axis=0)
-        color, color_unsure = _name_object_color(pix[core], field_rgb[core])
-        alpha = np.clip((_coverage(pix, field_rgb, rgb) - 0.25) / 0.5, 0.0, 1.0)
-        alpha = alpha * (ndimage.binary_dilation(part) & ~others & ~(region & ~part))
+        allowed = ~others & ~(region & ~part)
+        color, color_unsure = _name_object_color(*_object_color(pix, field_rgb, part, core, allowed))
+        coverage = _coverage(pix, field_rgb, rgb, ndimage.binary_dilation(part, iterations=2) & allowed)
+        alpha = np.clip((coverage - 0.25) / 0.5, 0.0, 1.0) * ndimage.binary_dilation(part)
         if alpha.sum() < min_area:
             continue
-        # a single object is round, square or triangular; merged ones are elongated
-        pieces, count_sure = _peaks(alpha) if _moments(alpha)[0] >= MERGED_ELONGATION else ([alpha > 0], True)
+        # touching objects of one colour: as many as the distance transform has separate peaks
+        pieces, count_sure = _peaks(alpha)
         for piece in pieces:
             a = alpha * piece if len(pieces) > 1 else alpha
             area = float(a.sum())
             if area < min_area:
                 continue
-            shape, shape_unsure = _shape_of(a, int((a[edge] >= 0.5).sum()) >= 2)
+            c = coverage * ndimage.binary_dilation(piece, iterations=2) if len(pieces) > 1 else coverage
+            shape, shape_unsure = _shape_of(a, c, int((a[edge] >= 0.5).sum()) >= 2)
             unsure = {"color"} if color_unsure else set()
             if shape_unsure or len(pieces) > 1 and shape is None:
                 unsure.add("shape")

@@ -39,6 +39,8 @@ TRIANGLE_ASPECT = (0.85, 1.15)  # height / base
 JITTER = 0.05
 TEXTURE_AMPLITUDE = 0.06
 CUT_FRACTION = 0.25
+LUMA = np.array([0.299, 0.587, 0.114])  # Y' of BT.601, JPEG's lightness
+LEGIBLE_LUMA = 0.2  # lightness difference of an outline JPEG keeps sharp
 FAINT_SIZE = 10.0
 FAINT_CONTRAST = (0.10, 0.15)
 ROUND = ("circle", "ellipse")
@@ -559,6 +561,12 @@ class Condition:
         return 0.98 if self.kind == "sure" else 0.95
 
 
+def lightness_outlines(scene: Scene) -> bool:
+    """Whether every object colour of a scene differs from its background by LEGIBLE_LUMA in Y'."""
+    bg = np.asarray(BACKGROUND_COLORS[scene.background])
+    return all(abs(float((np.asarray(OBJECT_COLORS[g.color]) - bg) @ LUMA)) >= LEGIBLE_LUMA for g in scene.groups)
+
+
 def conditions() -> dict[str, Condition]:
     def has(shape: str) -> Callable[[Scene], bool]:
         return lambda s: any(g.shape == shape for g in s.groups)
@@ -578,6 +586,16 @@ def conditions() -> dict[str, Condition]:
         "border_cut": ("as clean, one object per image with 25% of its area outside the frame", Style(cut=True)),
     }
     out = {name: Condition(name, "sure", desc, _sure(style)) for name, (desc, style) in sure.items()}
+    # JPEG keeps only lightness (Y') at full resolution; colour is stored at half resolution and
+    # coarsely quantized. An outline a person reads through it is the lightness one, so these draw
+    # the scenes whose every colour differs from the background by at least LEGIBLE_LUMA in Y'
+    # (what is left of the full conditions' misses there is the judge's, not the format's).
+    for quality in (50, 25):
+        name = f"jpeg_{quality}_lightness_outlines"
+        out[name] = Condition(
+            name, "sure", f"as jpeg_{quality}, scenes whose every object differs from the background by >= "
+            f"{LEGIBLE_LUMA} in lightness (Y'), the outlines JPEG keeps at full resolution",
+            _sure(Style(jpeg=quality), lightness_outlines))
     out["triangles_down_left_right"] = Condition(
         "triangles_down_left_right", "sure", "prompts with triangles; every triangle points down, left or right",
         _sure(Style(triangle_angles=(90.0, 180.0, 270.0)), has("triangle")))

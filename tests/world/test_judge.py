@@ -228,3 +228,70 @@ def test_a_border_cut_object_is_fitted_as_its_shape_at_any_rotation(shape, angle
     inside = exact_shape(shape, 2.0, 11.0, 10.0, np.deg2rad(angle), n, ss)
     alpha = inside.reshape(n, ss, n, ss)[:, ss // 2, :, ss // 2].astype(float)
     assert J._shape_by_fit(alpha) == (shape, False)
+
+
+@pytest.mark.parametrize("edges, sigma, want", [("hard", 0.0, 0.0), ("aa", 0.0, 0.24), ("aa", 1.0, 1.04),
+                                                ("aa", 1.5, 1.53)])
+def test_edge_blur_measures_an_outlines_gaussian(edges, sigma, want):
+    """A 12 px disk point-sampled (hard: 0), box-filtered over 16x16 points per pixel (anti-aliased:
+    a pixel's box, which the pixel-step gradient reads as 0.24 where a Gaussian of its variance
+    would be 0.29) and then blurred: about the blur's sigma with the box's added in quadrature."""
+    from scipy import ndimage
+
+    from t2i_rl.world import judge as J
+
+    n, ss = 32, 16
+    inside = exact_shape("circle", 16.0, 16.0, 12.0, 0.0, n, ss)
+    cov = inside.reshape(n, ss, n, ss)[:, ss // 2, :, ss // 2] if edges == "hard" else inside.reshape(
+        n, ss, n, ss).mean((1, 3))
+    cov = ndimage.gaussian_filter(cov.astype(float), sigma, mode="constant") if sigma else cov.astype(float)
+    assert J._edge_blur(cov) == pytest.approx(want, abs=0.05)
+
+
+def smeared(rgb: tuple[float, float, float], bg: tuple[float, float, float], mask: np.ndarray,
+            chroma_sigma: float) -> torch.Tensor:
+    """An object drawn on a background, its chroma (not its lightness) blurred as JPEG's 4:2:0
+    smears it: image [1, 3, H, W]."""
+    from scipy import ndimage
+
+    from t2i_rl.world import judge as J
+
+    m = mask.astype(float)[..., None]
+    img = np.asarray(bg) * (1 - m) + np.asarray(rgb) * m
+    luma = img @ J._LUMA
+    chroma = ndimage.gaussian_filter(img - luma[..., None], (chroma_sigma, chroma_sigma, 0), mode="nearest")
+    return torch.from_numpy((chroma + luma[..., None]).clip(0, 1)).permute(2, 0, 1)[None].float()
+
+
+@pytest.mark.parametrize("color, background, size, sigma", [
+    ("orange", "black", 6.0, 1.5), ("blue", "white", 6.0, 1.5), ("red", "white", 6.0, 2.0), ("orange", "black", 8.0, 2.0)])
+def test_a_small_objects_smeared_colour_is_named_from_its_chroma_around_it(color, background, size, sigma):
+    """A small square whose chroma is smeared over `sigma` px: its core keeps the object's lightness
+    but holds only part of its chroma (orange's core reads yellowish, red's greyish); summed with the
+    chroma around it, per unit of its lightness, it is surely its colour."""
+    from t2i_rl.world import BACKGROUND_COLORS, OBJECT_COLORS
+
+    mask = exact_shape("square", 16.0, 16.0, size, 0.0, 32, 1)
+    image = smeared(OBJECT_COLORS[color], BACKGROUND_COLORS[background], mask, sigma)
+    result = ShapesWorld().judge(image, [f"one {color} square on a {background} background"])
+    assert [(o.color, o.unsure) for o in result.perceptions[0].objects] == [(color, frozenset())]
+
+
+def test_colour_without_lightness_beside_an_object_is_no_faint_object():
+    """JPEG's smeared chroma beside an object has hue but no lightness; a faint object has both, in
+    the same proportion. On grey, a 4x5 px patch of blue chroma alone beside a blue circle is not an
+    object; the same patch with blue's lightness at that alpha is a faint object of no palette colour."""
+    from t2i_rl.world import judge as J
+
+    gray, blue = np.array([0.5] * 3), np.array([0.1, 0.25, 0.9])
+    yy, xx = np.mgrid[:32, :32] + 0.5
+    img = np.broadcast_to(gray, (32, 32, 3)).copy()
+    img[(xx - 10) ** 2 + (yy - 16) ** 2 <= 16] = blue
+    patch = (xx > 20) & (xx < 26) & (yy > 13) & (yy < 19)
+    step = 0.14 * (blue - gray)
+    ghost, faint = img.copy(), img.copy()
+    ghost[patch] += step - step @ J._LUMA  # the colour's chroma, none of its lightness
+    faint[patch] += step
+    seen = {name: J.perceive(x.transpose(2, 0, 1)) for name, x in (("ghost", ghost), ("faint", faint))}
+    assert [(o.color, o.shape) for o in seen["ghost"].objects] == [("blue", "circle")]
+    assert (None, None) in [(o.color, o.shape) for o in seen["faint"].objects]
