@@ -18,8 +18,8 @@ class GoldReward(RewardFunction):
     fraction of the prompt's attributes that hold).
 
     Components: `gold/score`, `gold/correct` (1.0 when every attribute surely holds, else 0.0),
-    `gold/unsure` (1.0 when the judge hesitates on some attribute: `gold/correct` is then no
-    verdict, and rates leave the image out) and `gold/<attribute>` (0/1) for each of count, color,
+    `gold/unsure` (1.0 when the judge hesitates on some attribute and finds none surely wrong:
+    `gold/correct` is then no verdict, and rates leave the image out) and `gold/<attribute>` (0/1) for each of count, color,
     shape and background.
     """
 

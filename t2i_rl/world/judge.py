@@ -14,7 +14,8 @@ Attributes per object group of the prompt (count n, colour c, shape s):
 Plus the background. Each verdict is True, False or None: None is "unsure", where a person would
 hesitate too (a background between two colour names, a shape between a circle and an ellipse, an
 object barely visible). `correct` is every attribute surely right; rates are taken over the images
-the judge is sure about, and the unsure share is reported beside them. `score` is the fraction of
+the judge is sure about (every attribute sure, or one surely wrong: a person rejects those whatever
+else they hesitate on), and the unsure share is reported beside them. `score` is the fraction of
 attributes that hold, an unsure one counting one half.
 
 How it reads an image (32x32; larger images are reduced to it):
@@ -87,6 +88,7 @@ LUMA_MIN_CONTRAST = 0.08  # and from this one, where luma's outline is the sharp
 CHROMA_SPREAD = 2  # px around an object over which its colour's chroma is gathered
 CHROMA_MIN_LUMA = 0.10  # core luma difference from which chroma is read per unit of lightness
 GHOST_LIGHTNESS = 0.7  # a faint region with less lightness than this share of its colour's is smear
+EDGE_SHARPNESS = 0.5  # share of two parts' colour difference their border must show to be an edge
 GHOST_AREA = 24.0  # px: a faint region this small whose colour has no lightness of its own is ringing
 
 
@@ -125,8 +127,12 @@ class JudgeResult:
 
     @property
     def sure(self) -> torch.Tensor:
-        """bool [N]: no attribute is unsure, so `correct` is a verdict a rate may count."""
-        return ~torch.stack(list(self.unsure.values())).any(0)
+        """bool [N]: `correct` is a verdict a rate may count: no attribute is unsure (surely right or
+        surely wrong), or some attribute is surely wrong (a person rejects the image whatever the
+        attribute they hesitate on)."""
+        unsure = torch.stack([self.unsure[a] for a in self.attributes]).any(0)
+        surely_wrong = torch.stack([~self.attributes[a] & ~self.unsure[a] for a in self.attributes]).any(0)
+        return ~unsure | surely_wrong
 
 
 def _three_valued(sure_true: bool, sure_false: bool) -> Verdict:
@@ -411,7 +417,8 @@ def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, oth
     """Split a foreground region by colour (touching objects of two colours): each pixel takes the
     palette colour whose unmixing explains it best, and parts too small to be objects (mixed
     edges) join their largest neighbour. The split stands only if every part's colour surely has a
-    name of its own; a blob of mixed colour stays one object whose colour the judge then names."""
+    name of its own and the colour changes at an edge between them (`_gradual`); a blob of mixed
+    or shading colour stays one object whose colour the judge then names."""
     alpha, resid = _unmix(pix, field_rgb, _OBJ_RGB)
     best = resid.argmin(-1)
     solid = np.take_along_axis(alpha, best[..., None], -1)[..., 0] >= 0.5  # not a mixed edge
@@ -438,7 +445,25 @@ def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, oth
              for p in split]
     if any(name is None or unsure for name, unsure in names) or len({n for n, _ in names}) < len(names):
         return [region]
+    if any(_gradual(pix, solid & a, solid & b) for i, a in enumerate(split) for b in split[i + 1:]
+           if (ndimage.binary_dilation(a) & b).any()):
+        return [region]
     return split
+
+
+def _gradual(pix: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the colour goes from part `a` to part `b` [H, W] gradually (one object shading from
+    red to orange) rather than at an edge (two objects touching): at an edge, the pixels along the
+    border already differ by most of what the parts' insides do."""
+    inside_a = a & (ndimage.distance_transform_edt(~b) > 2)
+    inside_b = b & (ndimage.distance_transform_edt(~a) > 2)
+    border_a = a & ndimage.binary_dilation(b)
+    border_b = b & ndimage.binary_dilation(a)
+    if not (inside_a.any() and inside_b.any() and border_a.any() and border_b.any()):
+        return False
+    across = np.linalg.norm(np.median(pix[inside_a], axis=0) - np.median(pix[inside_b], axis=0))
+    at_border = np.linalg.norm(np.median(pix[border_a], axis=0) - np.median(pix[border_b], axis=0))
+    return at_border < EDGE_SHARPNESS * across
 
 
 def _colour_without_lightness(pix: np.ndarray, bg: np.ndarray, kind: np.ndarray, contrast: float,

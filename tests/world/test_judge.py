@@ -295,3 +295,15 @@ def test_colour_without_lightness_beside_an_object_is_no_faint_object():
     seen = {name: J.perceive(x.transpose(2, 0, 1)) for name, x in (("ghost", ghost), ("faint", faint))}
     assert [(o.color, o.shape) for o in seen["ghost"].objects] == [("blue", "circle")]
     assert (None, None) in [(o.color, o.shape) for o in seen["faint"].objects]
+
+
+def test_an_image_with_a_surely_wrong_attribute_is_a_sure_rejection():
+    """Hesitating on one attribute does not make an image unsure when another is surely wrong: a
+    person rejects it either way, and a rate that left it out would count too few failures."""
+    w = ShapesWorld()
+    image = w.render(["one red circle on a white background"], seed=0)
+    background = (image - torch.tensor([0.95, 0.95, 0.95]).view(1, 3, 1, 1)).abs().sum(1) < 0.2
+    image[:, :, background[0]] = 0.78  # light grey: the background verdict is unsure
+    r = w.judge(image, ["two red circles on a white background"])  # and the count surely wrong
+    assert r.unsure["background"][0] and not r.attributes["count"][0] and not r.unsure["count"][0]
+    assert r.sure[0] and not r.correct[0]
