@@ -1,4 +1,4 @@
-"""Models of the embedded world and the loader of every Stable Diffusion pipeline.
+"""Models of the embedded world and the loader of every Stable Diffusion pipeline (SD 1.x/2.x and SD 3/3.5).
 
 ShapesWorld's pipeline is a real `diffusers.StableDiffusionPipeline` (CLIP text encoder and
 tokenizer, AutoencoderKL, UNet2DConditionModel, DDIM) at a size a CPU trains in minutes. It is
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .world import ShapesWorld
@@ -32,6 +33,11 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 # plain matmul-softmax-matmul, for backends where SDPA misbehaves
 ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
 MODEL_KEYS = ("pipeline", "dtype", "attention", "gradient_checkpointing", "vae_slicing", "resolution")
+# model.policy (optional, default "ddim"): the policy the checkpoint needs; "flow" for flow-matching
+# pipelines (SD 3/3.5: t2i_rl.flow_policy.FlowPolicy), which t2i_rl.train does not drive yet
+MODEL_POLICIES = ("ddim", "flow")
+# the pipeline classes load_pipeline reads, by model_index.json's _class_name, and the policy of each
+PIPELINE_POLICIES = {"StableDiffusionPipeline": "ddim", "StableDiffusion3Pipeline": "flow"}
 
 
 def _byte_alphabet() -> list[str]:
@@ -207,6 +213,8 @@ def check_model_config(model: Mapping[str, Any]) -> None:
         ("vae_slicing", isinstance(model["vae_slicing"], bool), "true or false"),
         ("resolution", resolution is None or (type(resolution) is int and resolution > 0),
          "a positive int (image height = width in pixels) or null for the checkpoint's native size"),
+        ("policy", model.get("policy", "ddim") in MODEL_POLICIES,
+         f"one of {', '.join(MODEL_POLICIES)} (the sampler the checkpoint needs; absent: ddim)"),
     ]:
         if not ok:
             raise ValueError(f"model.{key} = {model[key]!r} is invalid: must be {rule}")
@@ -246,15 +254,38 @@ def latent_side(name_or_path: str, resolution: int | None) -> int | None:
     return unet["sample_size"] if resolution is None else resolution // 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def pipeline_class_name(name_or_path: str, local_files_only: bool = True) -> str | None:
+    """model_index.json's `_class_name` of a shipped name, a local folder, or a hub id (with
+    `local_files_only`, only one already in the local cache: nothing is downloaded); None when it
+    cannot be read."""
+    folder = Path(SHIPPED_PIPELINES.get(name_or_path, name_or_path)).expanduser()
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notices
+            warnings.simplefilter("ignore")
+            index = DiffusionPipeline.load_config(str(folder) if folder.is_dir() else name_or_path,
+                                                  local_files_only=local_files_only)
+    except (OSError, ValueError):  # not a folder here, nor in the hub cache (or the hub)
+        return None
+    return index.get("_class_name")
+
+
+def model_policy(model: Mapping[str, Any]) -> str:
+    """The policy a model config needs, "ddim" or "flow": its pipeline's, where model_index.json is here
+    to read (an SD 3 folder under model=sd15 is a flow model too), else model.policy (absent: ddim)."""
+    return PIPELINE_POLICIES.get(pipeline_class_name(model["pipeline"]), model.get("policy", "ddim"))
+
+
 def _refuse_unsupported(folder: Path) -> None:
     """SDXL folders fail here in one line, not deep inside diffusers or at the first UNet call."""
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    if "text_encoder_2" in index or str(index.get("_class_name", "")).startswith("StableDiffusionXL"):
+    name = str(index.get("_class_name", ""))
+    if name.startswith("StableDiffusionXL") or ("text_encoder_2" in index and name not in PIPELINE_POLICIES):
         raise ValueError(
             f"{folder} holds an SDXL pipeline ({index.get('_class_name')}); t2i-rl runs StableDiffusionPipeline "
-            "checkpoints (SD 1.x, 2.x): SDXL's UNet also needs pooled embeddings of a second text encoder "
-            "and size/crop time ids, which the env's observation and the policy do not carry"
+            "checkpoints (SD 1.x, 2.x) and StableDiffusion3Pipeline ones (SD 3, 3.5): SDXL's UNet also needs "
+            "pooled embeddings of a second text encoder and size/crop time ids, which the env's observation and "
+            "the policy do not carry"
         )
 
 
@@ -267,15 +298,19 @@ def load_pipeline(
     gradient_checkpointing: bool = False,
     vae_slicing: bool = False,
     **kwargs,
-) -> StableDiffusionPipeline:
+) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
     """Load a Stable Diffusion pipeline: "shapes" (shipped), a local folder, or a hub id.
 
-    Every weight is loaded in `dtype`; the policy keeps what it trains in float32 (LoRA weights,
-    or the whole UNet). `attention` ("sdpa", "eager"; None keeps diffusers' choice) sets the
-    attention processors of the UNet and the VAE, `gradient_checkpointing` recomputes the UNet's
-    activations in the backward pass, `vae_slicing` decodes and encodes one image at a time.
-    The scheduler is always DDIM (the policy's log-probs are DDIM's), built from the checkpoint's
-    own scheduler config so that its noise schedule and prediction type are kept.
+    The pipeline class is model_index.json's: a `StableDiffusion3Pipeline` (SD 3, 3.5) loads as one,
+    for `t2i_rl.flow_policy.FlowPolicy`; anything else loads as a `StableDiffusionPipeline` (SD 1.x,
+    2.x), for `t2i_rl.policy.DiffusionPolicy`. Every weight is loaded in `dtype`; the policy keeps
+    what it trains in float32 (LoRA weights, or the whole denoiser). `attention` ("sdpa", "eager"; None
+    keeps diffusers' choice) sets the attention processors of the denoiser and the VAE,
+    `gradient_checkpointing` recomputes the denoiser's activations in the backward pass, `vae_slicing`
+    decodes and encodes one image at a time. The scheduler of an SD 1.x/2.x pipeline is always DDIM
+    (the DDIM policy's log-probs are DDIM's), built from the checkpoint's own scheduler config so that
+    its noise schedule and prediction type are kept; an SD 3 pipeline keeps its
+    FlowMatchEulerDiscreteScheduler (its shifted sigmas define the flow policy's SDE).
     """
     if attention is not None and attention not in ATTENTION_PROCESSORS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_PROCESSORS)} or None, got {attention!r}")
@@ -293,23 +328,49 @@ def load_pipeline(
         )
     if local.is_dir():
         _refuse_unsupported(local)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(local) if local.is_dir() else str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
-        **kwargs
-    )
-    # DDIM's own default clip_sample=True is for pixel-space models; SD's latents are never clipped
-    # (StableDiffusionPipeline turns it off too), so a scheduler config that does not say keeps it off.
-    config = pipe.scheduler.config
-    pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=config.get("clip_sample", False))
+    source = str(local) if local.is_dir() else str(path)
+    # a hub id's model_index.json: from the cache, else fetched (from_pretrained fetches it anyway); one
+    # that cannot be read fails here, not after a second round of retries inside from_pretrained
+    class_name = pipeline_class_name(source) or (None if local.is_dir() else pipeline_class_name(source, False))
+    if class_name is None and not local.is_dir():
+        raise OSError(f"cannot read model_index.json of {source!r}: it is not a local folder, not in the hub "
+                      "cache, and the hub did not answer (offline?); pass a local folder saved with save_pretrained")
+    if class_name == "StableDiffusion3Pipeline":
+        pipe = _load_sd3(source, dtype, attention, **kwargs)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False, **kwargs)
+        # DDIM's own default clip_sample=True is for pixel-space models; SD's latents are never clipped
+        # (StableDiffusionPipeline turns it off too), so a scheduler config that does not say keeps it off.
+        config = pipe.scheduler.config
+        pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=config.get("clip_sample", False))
+        if attention is not None:
+            pipe.unet.set_attn_processor(ATTENTION_PROCESSORS[attention]())
     if attention is not None:
-        pipe.unet.set_attn_processor(ATTENTION_PROCESSORS[attention]())
         pipe.vae.set_attn_processor(ATTENTION_PROCESSORS[attention]())
+    denoiser = pipe.transformer if isinstance(pipe, StableDiffusion3Pipeline) else pipe.unet
     if gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if vae_slicing:
         pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_sd3(source: str, dtype: torch.dtype, attention: str | None, **kwargs) -> StableDiffusion3Pipeline:
+    """An SD 3 / 3.5 pipeline with its flow-matching scheduler. Its transformer's joint attention has
+    one processor, JointAttnProcessor2_0 (torch's SDPA): attention="sdpa" sets it, and "eager" is
+    refused (diffusers has no plain-matmul joint attention)."""
+    if attention == "eager":
+        raise ValueError(f"attention = 'eager' is invalid for {source}, an SD 3 pipeline: its joint attention "
+                         "runs only as sdpa (JointAttnProcessor2_0); use attention=sdpa")
+    pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype, **kwargs)
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(f"{source} has a {type(pipe.scheduler).__name__}; the flow policy needs its "
+                         "FlowMatchEulerDiscreteScheduler (SD 3's own)")
+    if attention == "sdpa":
+        pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+    return pipe
 
 
 def save_pipeline_atomically(pipe: StableDiffusionPipeline, path: str | Path) -> None:

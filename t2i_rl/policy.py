@@ -109,7 +109,175 @@ def check_sampler(pipe, num_steps: int, eta: float, guidance_scale: float) -> No
         raise ValueError(f"guidance_scale must be >= 0 (<= 1 means no classifier-free guidance), got {guidance_scale!r}")
 
 
-class DiffusionPolicy:
+def check_step_index(step_index: int | torch.Tensor, num_steps: int) -> int | torch.Tensor:
+    """An int step index in [0, num_steps), or a LongTensor [B] of per-sample steps (one model call over
+    several steps), returned on the CPU to index per-step coefficients."""
+    if isinstance(step_index, torch.Tensor) and step_index.ndim == 1:
+        if step_index.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"per-sample step indices must be an integer tensor, got {step_index.dtype}")
+        if len(step_index) and not (0 <= int(step_index.min()) and int(step_index.max()) < num_steps):
+            raise IndexError(f"step indices must be in [0, {num_steps - 1}], got "
+                             f"{int(step_index.min())}..{int(step_index.max())}")
+        return step_index.cpu()
+    if isinstance(step_index, torch.Tensor):
+        step_index = int(step_index)
+    if not 0 <= step_index < num_steps:
+        raise IndexError(f"step_index must be in [0, {num_steps - 1}], got {step_index}")
+    return step_index
+
+
+def per_sample(values: torch.Tensor, i: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-step coefficients `values` at step(s) i: a scalar, or [B, 1, ..., 1] to broadcast over a
+    batch of latents shaped like `like`."""
+    v = values[i].to(like.device)
+    return v.view(-1, *([1] * (like.ndim - 1))) if v.ndim else v
+
+
+class GaussianStepPolicy:
+    """What every sampler of the denoising MDP seen as a Gaussian policy shares: its step is
+    N(mean_theta(x_t), std_t^2 I) with std independent of theta, so acting, re-scoring a stored
+    transition and the KL to the reference follow from `step_stats` alone. A subclass gives
+    `step_stats` and its trainable network (`_denoiser`) with its frozen full-fine-tuning copy
+    (`_reference`, None under LoRA: the reference is the network with its adapters off)."""
+
+    def step_stats(self, latents: torch.Tensor, step_index: int | torch.Tensor, embeds,
+                   reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of pi(. | x_t) in float32, differentiable unless `reference`."""
+        raise NotImplementedError
+
+    @property
+    def _denoiser(self) -> torch.nn.Module:
+        """The network that trains (its LoRA adapters, or all of it)."""
+        raise NotImplementedError
+
+    @property
+    def _reference(self) -> torch.nn.Module | None:
+        """The frozen copy of the network under full fine-tuning; None under LoRA."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        """Turn the LoRA adapters off (the base model is the reference), and back on afterwards."""
+        if self._reference is not None:
+            yield
+            return
+        # PEFT's toggle rewrites requires_grad of the adapter weights: remember and restore it.
+        flags = [(p, p.requires_grad) for p in self._denoiser.parameters()]
+        self._denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self._denoiser.enable_adapters()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    @staticmethod
+    def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean",
+                          pool: int = 1) -> torch.Tensor:
+        """log N(x; mean, std^2 I) per element, reduced over non-batch dims -> [B].
+
+        With `pool` = k > 1 it is the log-density of the action's k x k average pools, N(pool(mean),
+        (std / k)^2 I): the coarse part of x, a marginal of the same Gaussian, whose score moves the
+        mean only through its block averages. Its "mean" divides by the whole action's element count,
+        so that its gradient in the mean is the whole log-prob's averaged over each block (the same
+        scale: PPO's ratios and clip range mean what they mean without pooling)."""
+        _check_reduce(reduce)
+        std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+        elements = x[0].numel()
+        if pool != 1:
+            if not (isinstance(pool, int) and pool >= 1) or x.ndim != 4 or x.shape[-1] % pool or x.shape[-2] % pool:
+                raise ValueError(f"pool = {pool} must be an int >= 1 dividing the latents' height and width, got "
+                                 f"shape {tuple(x.shape)}")
+            x, mean, std = F.avg_pool2d(x.float(), pool), F.avg_pool2d(mean, pool), std / pool
+        logp = -((x.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+        if pool != 1 and reduce == "mean":
+            return _reduce(logp, "sum") / elements
+        return _reduce(logp, reduce)
+
+    # ---------------------------------------------------------------- acting and scoring
+    def sample_step(
+        self,
+        latents: torch.Tensor,
+        step_index: int | torch.Tensor,
+        embeds,
+        generator: torch.Generator | None = None,
+        reduce: str = "mean",
+        grad: bool = False,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Act: x_{t-1} = mean + std * z, z ~ N(0, I) from `generator`; returns (x_{t-1}, log_prob [B]).
+
+        The noise is drawn as diffusers' schedulers draw it in `step` (randn_tensor, float32), so
+        the same generator state gives the scheduler's own sample; `noise` gives z instead (a caller that
+        designs its samples' noise, e.g. antithetic pairs). No gradients unless `grad=True`.
+        """
+        _check_reduce(reduce)
+        if noise is not None and tuple(noise.shape) != tuple(latents.shape):
+            raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
+        with torch.set_grad_enabled(grad):
+            mean, std = self.step_stats(latents, step_index, embeds)
+            if noise is None:
+                z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            else:
+                z = noise.to(device=mean.device, dtype=torch.float32)
+            next_latents = (mean + std * z).to(latents.dtype)
+            # log-prob of the stored action (after any cast), so re-evaluation gives the same number
+            logp = self.gaussian_log_prob(next_latents, mean, std, reduce)
+        return next_latents, logp
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        step_index: int | torch.Tensor,
+        embeds,
+        reduce: str = "mean",
+        pool: int = 1,
+    ) -> torch.Tensor:
+        """log pi(x_{t-1} | x_t) of a stored transition [B], with gradients (what PPO re-evaluates);
+        `pool` > 1: of its average pools (`gaussian_log_prob`)."""
+        _check_reduce(reduce)
+        mean, std = self.step_stats(latents, step_index, embeds)
+        return self.gaussian_log_prob(next_latents, mean, std, reduce, pool)
+
+    def kl_to_reference(
+        self, latents: torch.Tensor, step_index: int | torch.Tensor, embeds, reduce: str = "mean"
+    ) -> torch.Tensor:
+        """KL(pi_theta || pi_ref) at x_t [B]: (mu_theta - mu_ref)^2 / (2 sigma_t^2), same sigma on both sides."""
+        _check_reduce(reduce)
+        mean, ref_mean, std = self._with_reference(latents, step_index, embeds)
+        return gaussian_kl(mean, ref_mean, std, reduce)
+
+    def log_prob_and_kl(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        step_index: int | torch.Tensor,
+        embeds,
+        reduce: str = "mean",
+        pool: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`log_prob` (of the average pools with `pool` > 1) and `kl_to_reference` (of the whole
+        step) from one policy forward (DPOK needs both per step)."""
+        _check_reduce(reduce)
+        mean, ref_mean, std = self._with_reference(latents, step_index, embeds)
+        return (self.gaussian_log_prob(next_latents, mean, std, reduce, pool),
+                gaussian_kl(mean, ref_mean, std, reduce))
+
+    def _with_reference(self, latents: torch.Tensor, step_index: int | torch.Tensor,
+                        embeds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu_theta, mu_ref, sigma) at x_t: the policy's step and the reference model's."""
+        mean, std = self.step_stats(latents, step_index, embeds)
+        ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
+        return mean, ref_mean, std
+
+    # ---------------------------------------------------------------- parameters
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters an optimizer should update (LoRA weights, or the whole network)."""
+        return [p for p in self._denoiser.parameters() if p.requires_grad]
+
+
+class DiffusionPolicy(GaussianStepPolicy):
     """A stochastic DDIM sampler seen as a Gaussian policy, with log-probs and KL to a reference.
 
     With `lora_rank` an int, a PEFT LoRA adapter is added to `pipe.unet` (the pipeline is modified
@@ -232,28 +400,24 @@ class DiffusionPolicy:
         self._std = torch.stack(std).float()
 
     def _check_step(self, step_index: int | torch.Tensor) -> int | torch.Tensor:
-        """An int, or a LongTensor [B] of per-sample steps (one UNet call over several steps)."""
-        if isinstance(step_index, torch.Tensor) and step_index.ndim == 1:
-            if step_index.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"per-sample step indices must be an integer tensor, got {step_index.dtype}")
-            if len(step_index) and not (0 <= int(step_index.min()) and int(step_index.max()) < self.num_steps):
-                raise IndexError(f"step indices must be in [0, {self.num_steps - 1}], got "
-                                 f"{int(step_index.min())}..{int(step_index.max())}")
-            return step_index.cpu()
-        if isinstance(step_index, torch.Tensor):
-            step_index = int(step_index)
-        if not 0 <= step_index < self.num_steps:
-            raise IndexError(f"step_index must be in [0, {self.num_steps - 1}], got {step_index}")
-        return step_index
+        """`check_step_index` against this policy's number of steps."""
+        return check_step_index(step_index, self.num_steps)
 
     def _per_sample(self, values: torch.Tensor, i: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Coefficients of step(s) i: a scalar, or [B, 1, ..., 1] to broadcast over a batch of latents."""
-        v = values[i].to(like.device)
-        return v.view(-1, *([1] * (like.ndim - 1))) if v.ndim else v
+        """`per_sample`: step i's coefficients, shaped to broadcast over `like`."""
+        return per_sample(values, i, like)
 
     def sigma(self, step_index: int, device: torch.device | str | None = None) -> torch.Tensor:
         """sigma_t of step `step_index`: a float32 scalar tensor (independent of theta)."""
         return self._std[self._check_step(step_index)].to(device or self.device)
+
+    @property
+    def _denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def _reference(self) -> torch.nn.Module | None:
+        return self.reference_unet
 
     @property
     def device(self) -> torch.device:
@@ -344,22 +508,6 @@ class DiffusionPolicy:
             out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
         return out
 
-    @contextlib.contextmanager
-    def _adapters_off(self) -> Iterator[None]:
-        """Turn the LoRA adapters off (the base model is the reference), and back on afterwards."""
-        if self.reference_unet is not None:
-            yield
-            return
-        # PEFT's toggle rewrites requires_grad of the adapter weights: remember and restore it.
-        flags = [(p, p.requires_grad) for p in self.unet.parameters()]
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
     # ---------------------------------------------------------------- DDIM math
     def ddim_moments(
         self, latents: torch.Tensor, model_output: torch.Tensor, step_index: int | torch.Tensor
@@ -400,107 +548,3 @@ class DiffusionPolicy:
         mean, std, _ = self.ddim_moments(latents, self.noise_pred(latents, step_index, embeds, reference), step_index)
         return mean, std
 
-    @staticmethod
-    def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean",
-                          pool: int = 1) -> torch.Tensor:
-        """log N(x; mean, std^2 I) per element, reduced over non-batch dims -> [B].
-
-        With `pool` = k > 1 it is the log-density of the action's k x k average pools, N(pool(mean),
-        (std / k)^2 I): the coarse part of x, a marginal of the same Gaussian, whose score moves the
-        mean only through its block averages. Its "mean" divides by the whole action's element count,
-        so that its gradient in the mean is the whole log-prob's averaged over each block (the same
-        scale: PPO's ratios and clip range mean what they mean without pooling)."""
-        _check_reduce(reduce)
-        std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-        elements = x[0].numel()
-        if pool != 1:
-            if not (isinstance(pool, int) and pool >= 1) or x.ndim != 4 or x.shape[-1] % pool or x.shape[-2] % pool:
-                raise ValueError(f"pool = {pool} must be an int >= 1 dividing the latents' height and width, got "
-                                 f"shape {tuple(x.shape)}")
-            x, mean, std = F.avg_pool2d(x.float(), pool), F.avg_pool2d(mean, pool), std / pool
-        logp = -((x.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-        if pool != 1 and reduce == "mean":
-            return _reduce(logp, "sum") / elements
-        return _reduce(logp, reduce)
-
-    # ---------------------------------------------------------------- acting and scoring
-    def sample_step(
-        self,
-        latents: torch.Tensor,
-        step_index: int | torch.Tensor,
-        embeds: torch.Tensor,
-        generator: torch.Generator | None = None,
-        reduce: str = "mean",
-        grad: bool = False,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Act: x_{t-1} = mean + std * z, z ~ N(0, I) from `generator`; returns (x_{t-1}, log_prob [B]).
-
-        The noise is drawn as DDIMScheduler.step draws it (randn_tensor, float32), so the same
-        generator state gives the scheduler's own sample; `noise` gives z instead (a caller that
-        designs its samples' noise, e.g. antithetic pairs). No gradients unless `grad=True`.
-        """
-        _check_reduce(reduce)
-        if noise is not None and tuple(noise.shape) != tuple(latents.shape):
-            raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
-        with torch.set_grad_enabled(grad):
-            mean, std = self.step_stats(latents, step_index, embeds)
-            if noise is None:
-                z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-            else:
-                z = noise.to(device=mean.device, dtype=torch.float32)
-            next_latents = (mean + std * z).to(latents.dtype)
-            # log-prob of the stored action (after any cast), so re-evaluation gives the same number
-            logp = self.gaussian_log_prob(next_latents, mean, std, reduce)
-        return next_latents, logp
-
-    def log_prob(
-        self,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        step_index: int | torch.Tensor,
-        embeds: torch.Tensor,
-        reduce: str = "mean",
-        pool: int = 1,
-    ) -> torch.Tensor:
-        """log pi(x_{t-1} | x_t) of a stored transition [B], with gradients (what PPO re-evaluates);
-        `pool` > 1: of its average pools (`gaussian_log_prob`)."""
-        _check_reduce(reduce)
-        mean, std = self.step_stats(latents, step_index, embeds)
-        return self.gaussian_log_prob(next_latents, mean, std, reduce, pool)
-
-    def kl_to_reference(
-        self, latents: torch.Tensor, step_index: int | torch.Tensor, embeds: torch.Tensor, reduce: str = "mean"
-    ) -> torch.Tensor:
-        """KL(pi_theta || pi_ref) at x_t [B]: (mu_theta - mu_ref)^2 / (2 sigma_t^2), same sigma on both sides."""
-        _check_reduce(reduce)
-        mean, ref_mean, std = self._with_reference(latents, step_index, embeds)
-        return gaussian_kl(mean, ref_mean, std, reduce)
-
-    def log_prob_and_kl(
-        self,
-        latents: torch.Tensor,
-        next_latents: torch.Tensor,
-        step_index: int | torch.Tensor,
-        embeds: torch.Tensor,
-        reduce: str = "mean",
-        pool: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`log_prob` (of the average pools with `pool` > 1) and `kl_to_reference` (of the whole
-        step) from one policy forward (DPOK needs both per step)."""
-        _check_reduce(reduce)
-        mean, ref_mean, std = self._with_reference(latents, step_index, embeds)
-        return (self.gaussian_log_prob(next_latents, mean, std, reduce, pool),
-                gaussian_kl(mean, ref_mean, std, reduce))
-
-    def _with_reference(self, latents: torch.Tensor, step_index: int | torch.Tensor,
-                        embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mu_theta, mu_ref, sigma) at x_t: the policy's step and the reference model's."""
-        mean, std = self.step_stats(latents, step_index, embeds)
-        ref_mean, _ = self.step_stats(latents, step_index, embeds, reference=True)
-        return mean, ref_mean, std
-
-    # ---------------------------------------------------------------- parameters
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters an optimizer should update (LoRA weights, or the whole UNet)."""
-        return [p for p in self.unet.parameters() if p.requires_grad]

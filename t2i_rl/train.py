@@ -310,9 +310,13 @@ def validate(cfg: DictConfig):
         if not fills_batches(agent_cfg.samples_per_epoch, cfg.env.batch_size):
             raise ValueError(f"agent.samples_per_epoch = {agent_cfg.samples_per_epoch} is invalid: must be at most "
                              f"env.batch_size ({cfg.env.batch_size}) or a multiple of it")
-    from t2i_rl.models import check_model_config, latent_side, unet_layer_names  # diffusers, the slowest: last
+    from t2i_rl.models import check_model_config, latent_side, model_policy, unet_layer_names  # diffusers: last
 
     check_model_config(cfg.model)
+    if model_policy(cfg.model) == "flow":
+        raise ValueError(f"model.pipeline = {cfg.model.pipeline} is invalid here: a flow-matching pipeline (SD 3/3.5) "
+                         "needs t2i_rl.flow_policy.FlowPolicy, which the env and agents of t2i_rl.train do not drive "
+                         "yet; load it with t2i_rl.models.load_pipeline and sample with FlowPolicy")
     if agent_cfg.lora_rank is not None and (layers := unet_layer_names(cfg.model.pipeline)) is not None:
         check_lora_targets(layers, agent_cfg.lora_targets, key="agent.lora_targets")
     if (side := latent_side(cfg.model.pipeline, cfg.model.resolution)) is not None:
