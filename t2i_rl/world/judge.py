@@ -416,9 +416,10 @@ def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, oth
                  min_area: float) -> list[np.ndarray]:
     """Split a foreground region by colour (touching objects of two colours): each pixel takes the
     palette colour whose unmixing explains it best, and parts too small to be objects (mixed
-    edges) join their largest neighbour. The split stands only if every part's colour surely has a
-    name of its own and the colour changes at an edge between them (`_gradual`); a blob of mixed
-    or shading colour stays one object whose colour the judge then names."""
+    edges) join their largest neighbour, and parts of one colour are one part (two squares of one
+    colour that a third object joins), whose objects `_peaks` then counts. The split stands only if
+    every part's colour surely has a name and the colour changes at an edge between them
+    (`_gradual`); a blob of mixed or shading colour stays one object whose colour the judge names."""
     alpha, resid = _unmix(pix, field_rgb, _OBJ_RGB)
     best = resid.argmin(-1)
     solid = np.take_along_axis(alpha, best[..., None], -1)[..., 0] >= 0.5  # not a mixed edge
@@ -443,7 +444,14 @@ def _color_parts(pix: np.ndarray, field_rgb: np.ndarray, region: np.ndarray, oth
     split = [region & (nearest == i) for i in range(1, len(big) + 1)]
     names = [_name_object_color(*_object_color(pix, field_rgb, p, p & solid, ~others & ~(region & ~p)))
              for p in split]
-    if any(name is None or unsure for name, unsure in names) or len({n for n, _ in names}) < len(names):
+    if any(name is None or unsure for name, unsure in names):
+        return [region]
+    # parts of one colour are one part: `_peaks` counts the objects within it
+    by_name: dict[str, np.ndarray] = {}
+    for p, (name, _) in zip(split, names):
+        by_name[name] = by_name.get(name, np.zeros_like(p)) | p
+    split = list(by_name.values())
+    if len(split) < 2:
         return [region]
     if any(_gradual(pix, solid & a, solid & b) for i, a in enumerate(split) for b in split[i + 1:]
            if (ndimage.binary_dilation(a) & b).any()):

@@ -307,3 +307,19 @@ def test_an_image_with_a_surely_wrong_attribute_is_a_sure_rejection():
     r = w.judge(image, ["two red circles on a white background"])  # and the count surely wrong
     assert r.unsure["background"][0] and not r.attributes["count"][0] and not r.unsure["count"][0]
     assert r.sure[0] and not r.correct[0]
+
+
+def test_two_objects_of_one_colour_joined_by_a_third_are_counted():
+    """Two yellow squares both touching a green circle between them are one region of two colours;
+    its yellow parts are one part of two objects, which the judge counts as a person does."""
+    w = ShapesWorld()
+    yy, xx = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")
+    yellow, green = torch.tensor([0.95, 0.85, 0.1]).view(3, 1, 1), torch.tensor([0.1, 0.7, 0.2]).view(3, 1, 1)
+    left = ((xx - 8.5).abs() <= 4) & ((yy - 16).abs() <= 4)
+    right = ((xx - 23.5).abs() <= 4) & ((yy - 16).abs() <= 4)
+    middle = (xx - 16) ** 2 + (yy - 16) ** 2 <= 3.5 ** 2
+    image = torch.zeros(3, 32, 32) + 0.05
+    image = torch.where(left | right, yellow, image)
+    image = torch.where(middle, green, image).unsqueeze(0)
+    r = w.judge(image, ["two yellow squares and one green circle on a black background"])
+    assert r.attributes["count"][0] and not r.unsure["count"][0]
